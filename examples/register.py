@@ -1,0 +1,193 @@
+"""Train / build the example models and register them in an MLflow registry with the alias `champion`.
+
+    python -m examples.register [--tracking-uri URI] [--artifacts DIR] [--force]
+
+Idempotent: a model whose `champion` version was made from the same code and settings is left alone, so a
+second `make demo` is fully cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.settings import Settings, quiet_environment
+
+HERE = Path(__file__).resolve().parent
+EXPERIMENT = "kiln-examples"
+ALIAS = "champion"
+
+
+def _digest(*parts: object) -> str:
+    code = (HERE / "models.py").read_bytes() + Path(__file__).read_bytes()
+    return hashlib.sha256(code + repr(parts).encode()).hexdigest()[:16]
+
+
+def train_digits_cnn(seed: int = 0, epochs: int = 15):
+    """Train DigitsCNN on 80 % of scikit-learn's digits; return the model and the held-out 20 %."""
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from examples.models import DigitsCNN
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=generator)
+        for start in range(0, len(xt), 64):
+            idx = order[start : start + 64]
+            optimizer.zero_grad()
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+    return model, x_test, y_test, accuracy
+
+
+def build_bert_encoder(seed: int = 0):
+    import torch
+
+    from examples.models import BertEncoder
+
+    torch.manual_seed(seed)
+    return BertEncoder().eval()
+
+
+def _tensor_signature(inputs: list[tuple[str, str, tuple]], outputs: list[tuple[str, str, tuple]]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def schema(specs):
+        return Schema([TensorSpec(np.dtype(dtype), shape, name) for name, dtype, shape in specs])
+
+    return ModelSignature(inputs=schema(inputs), outputs=schema(outputs))
+
+
+def _current(client, name: str, digest: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        return None
+    return version.version if version.tags.get("kiln.example.digest") == digest else None
+
+
+def _register(client, name: str, digest: str, log) -> str:
+    import mlflow
+
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else None
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
+        info = log(run)
+    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags={"kiln.example.digest": digest})
+    for _ in range(50):  # file and sqlite stores are ready at once; a server may take a moment
+        if client.get_model_version(name, version.version).status == "READY":
+            break
+        time.sleep(0.2)
+    client.set_registered_model_alias(name, ALIAS, version.version)
+    return version.version
+
+
+def register_all(tracking_uri: str, artifact_location: str, force: bool = False) -> dict[str, str]:
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT, artifact_location=artifact_location if tracking_uri.startswith("sqlite") else None)
+    registered = {}
+
+    for name, builder in (("digits-cnn", _log_digits), ("bert-encoder", _log_bert)):
+        digest = _digest(name)
+        existing = None if force else _current(client, name, digest)
+        if existing:
+            print(f"{name}: version {existing} already registered as @{ALIAS}")
+            registered[name] = existing
+            continue
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            pass  # exists
+        version = _register(client, name, digest, builder)
+        print(f"{name}: registered version {version} as @{ALIAS}")
+        registered[name] = version
+    return registered
+
+
+def _log_digits(run):
+    import mlflow
+    import mlflow.pytorch
+
+    model, x_test, y_test, accuracy = train_digits_cnn()
+    mlflow.log_metric("test_accuracy", accuracy)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "digits-test.npz"
+        np.savez(path, pixels=x_test, labels=y_test)
+        mlflow.log_artifact(str(path), artifact_path="validation")
+    signature = _tensor_signature([("pixels", "float32", (-1, 1, 8, 8))], [("logits", "float32", (-1, 10))])
+    return mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=x_test[:2],
+        serialization_format="pickle",
+        code_paths=[str(HERE)],
+        pip_requirements=["torch"],  # skips MLflow's slow requirement inference
+    )
+
+
+def _log_bert(run):
+    import mlflow
+    import mlflow.pytorch
+
+    model = build_bert_encoder()
+    signature = _tensor_signature(
+        [("input_ids", "int64", (-1, -1)), ("attention_mask", "int64", (-1, -1))],
+        [("last_hidden_state", "float32", (-1, -1, 128))],
+    )
+    return mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        serialization_format="pickle",
+        code_paths=[str(HERE)],
+        pip_requirements=["torch", "transformers"],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri")
+    parser.add_argument("--artifacts")
+    parser.add_argument("--force", action="store_true", help="register new versions even if unchanged")
+    args = parser.parse_args(argv)
+    quiet_environment()
+    settings = Settings.from_env(args.artifacts, args.tracking_uri)
+    settings.artifacts.mkdir(parents=True, exist_ok=True)
+    tracking_uri = settings.tracking_uri(None)
+    print(f"registry: {tracking_uri}")
+    register_all(tracking_uri, settings.default_artifact_location, args.force)
+
+
+if __name__ == "__main__":
+    main()

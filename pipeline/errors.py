@@ -1,0 +1,42 @@
+"""Typed errors. Each carries the exit code the CLI returns and a one-line message that says what to fix."""
+
+
+class KilnError(Exception):
+    """Anything kiln did not expect (exit 3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(self.message.split())
+
+
+class BadInput(KilnError):
+    """The user's input is wrong: recipe, model URI, model or data file (exit 2)."""
+
+    exit_code = 2
+
+
+class RecipeError(BadInput):
+    """A recipe field is missing, unknown or invalid; the message names the field path."""
+
+
+class SourceError(BadInput):
+    """The model URI or tracking URI cannot be resolved; the message names the URI."""
+
+
+class ModelError(BadInput):
+    """The model itself cannot be loaded, exported or run as the recipe describes."""
+
+
+class GateFailed(KilnError):
+    """A parity or latency gate failed (exit 1). Nothing is published."""
+
+    exit_code = 1
+
+
+class StageCrashed(KilnError):
+    """A stage raised something unexpected; the message names the stage and the step key."""

@@ -1,0 +1,81 @@
+"""The engine's view of an MLflow model registry: resolve a models:/ URI to one immutable model version.
+
+Resolution runs on every `kiln plan`/`kiln run` (an alias may have moved); downloading is the fetch stage's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline.errors import SourceError
+from pipeline.recipe import parse_model_uri
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    uri: str  # as written in the recipe
+    tracking_uri: str
+    name: str
+    version: str
+    run_id: str | None
+    model_source: str  # where MLflow says the version's files are
+    created: int  # creation timestamp: with run_id, tells re-registered versions apart
+
+    def identity(self) -> dict:
+        """What a cache key may depend on: the version's identity, not where the registry happens to live."""
+        data = asdict(self)
+        data.pop("tracking_uri")
+        data.pop("uri")
+        return data
+
+
+def client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _unreachable(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return any(
+        marker in text
+        for marker in ("ConnectionError", "Max retries", "Connection refused", "Failed to establish", "timed out")
+    )
+
+
+def resolve(uri: str, tracking_uri: str) -> SourceRef:
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_uri(uri)
+    registry = client(tracking_uri)
+    try:
+        if alias is not None:
+            found = registry.get_model_version_by_alias(name, alias)
+        else:
+            found = registry.get_model_version(name, version)
+    except MlflowException as exc:
+        if _unreachable(exc):
+            raise SourceError(f"tracking URI {tracking_uri}: unreachable ({_first_line(exc)})") from None
+        if alias is not None:
+            raise SourceError(
+                f"source.uri {uri}: no alias '{alias}' on registered model '{name}' at {tracking_uri}"
+            ) from None
+        raise SourceError(f"source.uri {uri}: version {version} of '{name}' does not exist at {tracking_uri}") from None
+    except Exception as exc:  # requests / sqlalchemy errors before MLflow wraps them
+        if _unreachable(exc) or "sqlite" in str(exc).lower():
+            raise SourceError(f"tracking URI {tracking_uri}: unreachable ({_first_line(exc)})") from None
+        raise
+    return SourceRef(
+        uri=uri,
+        tracking_uri=tracking_uri,
+        name=name,
+        version=str(found.version),
+        run_id=found.run_id,
+        model_source=found.source,
+        created=int(found.creation_timestamp or 0),
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,135 @@
+"""Turn a recipe into a DAG of steps. A step's cache key is computed when its inputs are known:
+
+    key = sha256(stage, stage VERSION, keyed config, each input's output hash, external files' sha256,
+                 versions of the tools the stage uses)
+
+so a step re-runs exactly when something it reads changed, and a step whose inputs came out byte-identical
+is reused even if something further upstream changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.hashing import sha256_file, sha256_json
+from pipeline.mlflow_registry import SourceRef
+from pipeline.recipe import Recipe
+from pipeline.settings import Settings
+from pipeline.store import Entry
+from pipeline.versions import versions
+from stages import load_stage
+
+
+@dataclass
+class Step:
+    recipe: str
+    stage: str
+    config: dict[str, Any]  # keyed
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> upstream step id
+    files: dict[str, str] = field(default_factory=dict)  # name -> external file whose content is keyed
+    context: dict[str, Any] = field(default_factory=dict)  # not keyed: where things live
+
+    @property
+    def id(self) -> str:
+        return f"{self.recipe}:{self.stage}"
+
+
+@dataclass
+class RecipePlan:
+    recipe: Recipe
+    path: Path
+    source: SourceRef
+    steps: list[Step]  # topological order
+    bundle_dest: Path  # where the publish step's output is delivered
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+
+def step_tools(step: Step, inputs: dict[str, Entry]) -> dict[str, str | None]:
+    """Versions of the tools the step's stage uses (it may look at its inputs, e.g. the model's flavor)."""
+    return versions(load_stage(step.stage).tools(step.config, {name: e.out for name, e in inputs.items()}))
+
+
+def step_key(step: Step, inputs: dict[str, Entry]) -> str:
+    stage = load_stage(step.stage)
+    return sha256_json(
+        {
+            "stage": step.stage,
+            "stage_version": stage.VERSION,
+            "config": step.config,
+            "inputs": {name: entry.output_hash for name, entry in sorted(inputs.items())},
+            "files": {name: sha256_file(Path(path)) for name, path in sorted(step.files.items())},
+            "tools": step_tools(step, inputs),
+        }
+    )
+
+
+def _resolve_path(recipe_path: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (recipe_path.parent / path).resolve()
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """Hash of the recipe's meaning (not its text: comments and key order do not count)."""
+    return sha256_json(recipe.model_dump(mode="json"))
+
+
+def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: Settings) -> RecipePlan:
+    name = recipe.name
+    registry = {"tracking_uri": source.tracking_uri}
+    spec = {
+        "inputs": [t.model_dump(mode="json") for t in recipe.inputs] if recipe.inputs else None,
+        "outputs": recipe.outputs,
+    }
+
+    data_config = recipe.validation.data.model_dump(mode="json")
+    data_files: dict[str, str] = {}
+    data_context: dict[str, Any] = dict(registry)
+    if recipe.validation.data.source == "npz":
+        npz = _resolve_path(recipe_path, recipe.validation.data.path or "")
+        if not npz.is_file():
+            from pipeline.errors import RecipeError
+
+            raise RecipeError(f"recipe {recipe_path}: validation.data.path: no such file {npz}")
+        data_config["path"] = None  # the file's content is keyed, not where it lies
+        data_files["npz"] = str(npz)
+        data_context["npz"] = str(npz)
+
+    steps = [
+        Step(name, "fetch", {"source": source.identity()}, context=registry),
+        Step(name, "data", {"data": data_config, **spec}, {"model": f"{name}:fetch"}, data_files, data_context),
+        Step(
+            name,
+            "export",
+            recipe.export.model_dump(mode="json"),
+            {"model": f"{name}:fetch", "data": f"{name}:data"},
+        ),
+        Step(name, "optimize", recipe.optimize.model_dump(mode="json"), {"onnx": f"{name}:export"}),
+        Step(
+            name,
+            "validate",
+            {"latency": recipe.validation.latency.model_dump(mode="json")},
+            {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:optimize"},
+        ),
+        Step(name, "gate", {"gates": recipe.gates.model_dump(mode="json")}, {"metrics": f"{name}:validate"}),
+        Step(
+            name,
+            "publish",
+            {"recipe": recipe.model_dump(mode="json"), "recipe_sha256": recipe_digest(recipe)},
+            {
+                "model": f"{name}:fetch",
+                "data": f"{name}:data",
+                "export": f"{name}:export",
+                "onnx": f"{name}:optimize",
+                "metrics": f"{name}:validate",
+                "verdicts": f"{name}:gate",
+            },
+            context={"source_uri": source.uri},
+        ),
+    ]
+    dest_root = _resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
+    return RecipePlan(recipe, recipe_path, source, steps, dest_root / name / f"v{source.version}")

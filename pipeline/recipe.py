@@ -1,0 +1,214 @@
+"""The recipe: one YAML file per model, declared as pydantic models. Unknown keys are errors.
+
+`kiln schema` prints the JSON Schema of `Recipe`; `kiln validate` reports every problem with its field path.
+Relative paths inside a recipe are resolved against the recipe file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import RecipeError
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+))$")
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
+Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=100)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Source(Strict):
+    uri: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; overrides MLFLOW_TRACKING_URI")
+
+    @field_validator("uri")
+    @classmethod
+    def _model_uri(cls, value: str) -> str:
+        if not MODEL_URI.match(value):
+            raise ValueError(f"{value!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+        return value
+
+
+class TensorDecl(Strict):
+    name: str
+    dtype: DType = "float32"
+    shape: list[int | str] = Field(description="Sizes; a string names a dynamic axis (e.g. batch, seq)")
+    low: float | None = Field(None, description="Synthetic data: lowest value (ints: inclusive)")
+    high: float | None = Field(None, description="Synthetic data: highest value (ints: exclusive)")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape: list[int | str]) -> list[int | str]:
+        for dim in shape:
+            if isinstance(dim, int) and dim <= 0:
+                raise ValueError("fixed sizes must be > 0; name a dynamic axis with a string")
+        return shape
+
+
+class Export(Strict):
+    exporter: Literal["dynamo", "torchscript"] = Field(
+        "dynamo", description="torch.onnx exporter; torchscript gives the attention fusions on BERT-like models"
+    )
+    opset: int = Field(18, ge=7, le=23)
+
+
+class TransformerFusion(Strict):
+    model_type: Literal["bert", "bart", "gpt2", "t5", "vit", "clip"] = "bert"
+    num_heads: int = Field(0, ge=0, description="0 = let onnxruntime detect")
+    hidden_size: int = Field(0, ge=0, description="0 = let onnxruntime detect")
+
+
+class Optimize(Strict):
+    level: Literal["disabled", "basic", "extended", "all"] = Field(
+        "extended", description="ONNX Runtime offline graph optimization level ('all' adds CPU-layout-specific ops)"
+    )
+    transformer: TransformerFusion | None = Field(None, description="onnxruntime.transformers fusions")
+
+
+class Data(Strict):
+    source: Literal["input_example", "npz", "run_artifact", "synthetic"] = "synthetic"
+    path: str | None = Field(None, description="npz: file path; run_artifact: path inside the source model's run")
+    labels: str | None = Field(None, description="Array name in the npz that holds class labels")
+    samples: int = Field(32, ge=1, description="Synthetic: how many; npz/run_artifact: at most how many")
+    seed: int = 0
+    axes: dict[str, int] = Field(default_factory=dict, description="Synthetic: size of each named dynamic axis")
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> "Data":
+        if self.source in ("npz", "run_artifact") and not self.path:
+            raise ValueError(f"'path' is required when source is {self.source}")
+        if self.labels and self.source not in ("npz", "run_artifact"):
+            raise ValueError("'labels' needs source npz or run_artifact")
+        return self
+
+
+class Latency(Strict):
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
+    warmup: int = Field(10, ge=1)
+    iterations: int = Field(100, ge=100, description="Timed runs per batch size and runtime (>= 100)")
+    threads: int | None = Field(None, ge=1, description="Intra-op threads for both runtimes; default: all cores")
+
+
+class Validation(Strict):
+    data: Data = Field(default_factory=Data)
+    latency: Latency = Field(default_factory=Latency)
+
+
+class OutputGate(Strict):
+    atol: float | None = Field(None, ge=0)
+    rtol: float | None = Field(None, ge=0)
+    min_cosine: float | None = Field(None, ge=-1, le=1)
+    min_top1: float | None = Field(None, ge=0, le=1, description="Fraction of rows whose argmax agrees")
+
+
+class ParityGates(Strict):
+    default: OutputGate = Field(default_factory=lambda: OutputGate(atol=1e-4, rtol=1e-3, min_cosine=0.9999))
+    outputs: dict[str, OutputGate] = Field(default_factory=dict, description="Per output name; overrides default")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Needs labels; fraction, 0.005 = 0.5 %")
+
+
+class LatencyGates(Strict):
+    max_p95_ms: float | dict[int, float] | None = Field(None, description="ONNX Runtime p95, all or per batch size")
+    min_speedup: float | dict[int, float] | None = Field(None, description="Original p50 / ONNX Runtime p50")
+
+
+class Gates(Strict):
+    parity: ParityGates = Field(default_factory=ParityGates)
+    latency: LatencyGates = Field(default_factory=LatencyGates)
+
+
+class Publish(Strict):
+    dest: str | None = Field(None, description="Folder for bundles; default: <artifacts>/bundles")
+
+
+class Recipe(Strict):
+    name: Slug
+    source: Source
+    inputs: list[TensorDecl] | None = Field(None, description="Needed when the MLflow signature does not say")
+    outputs: list[str] | None = Field(None, description="Output names when the MLflow signature does not say")
+    export: Export = Field(default_factory=Export)
+    optimize: Optimize = Field(default_factory=Optimize)
+    validation: Validation = Field(default_factory=Validation)
+    gates: Gates = Field(default_factory=Gates)
+    publish: Publish = Field(default_factory=Publish)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        measured = set(self.validation.latency.batch_sizes)
+        for field in ("max_p95_ms", "min_speedup"):
+            value = getattr(self.gates.latency, field)
+            if isinstance(value, dict):
+                for batch in value:
+                    if batch not in measured:
+                        raise ValueError(
+                            f"gates.latency.{field}: batch size {batch} is not in validation.latency.batch_sizes"
+                        )
+        if self.gates.parity.max_accuracy_drop is not None and not self.validation.data.labels:
+            raise ValueError("gates.parity.max_accuracy_drop needs validation.data.labels")
+        if self.inputs:
+            names = [t.name for t in self.inputs]
+            if len(set(names)) != len(names):
+                raise ValueError("inputs: tensor names must be unique")
+        return self
+
+
+def _field_path(error: dict) -> str:
+    parts = [str(p) for p in error["loc"] if not str(p).startswith("function-after")]
+    return ".".join(parts) or "(recipe)"
+
+
+def validation_problems(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        path = _field_path(item)
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown key (check the spelling; `kiln schema` lists the fields)")
+        elif item["type"] == "missing":
+            problems.append(f"{path}: required field is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{path}: {message}")
+    return problems
+
+
+def recipe_problems(path: Path) -> tuple[Recipe | None, list[str]]:
+    """Parse and validate a recipe; return it with no problems, or None with every problem found."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        return None, [f"cannot read recipe: {exc.strerror}"]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        return None, [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]
+    if not isinstance(data, dict):
+        return None, ["a recipe is a YAML mapping with at least 'name' and 'source'"]
+    try:
+        return Recipe.model_validate(data), []
+    except ValidationError as exc:
+        return None, validation_problems(exc)
+
+
+def load_recipe(path: Path) -> Recipe:
+    recipe, problems = recipe_problems(path)
+    if recipe is None:
+        more = f" (and {len(problems) - 1} more; run `kiln validate {path}`)" if len(problems) > 1 else ""
+        raise RecipeError(f"recipe {path}: {problems[0]}{more}")
+    return recipe
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of a models:/ URI that the schema already accepted."""
+    match = MODEL_URI.match(uri)
+    assert match, uri
+    return match["name"], match["alias"], match["version"]

@@ -1,0 +1,217 @@
+"""Run planned recipes: compute each step's key when its inputs are known, reuse cached entries, send the
+rest to the executor, stop a recipe at its first failed verdict, deliver bundles.
+
+A step's summary may carry {"verdict": {"passed": bool, "reason": str}}; a failed verdict stops the recipe's
+dependent steps and makes the recipe's outcome `gate_failed`. The runner knows nothing else about stages.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.deliver import deliver
+from pipeline.errors import BadInput, GateFailed, KilnError, StageCrashed
+from pipeline.executor import Executor, Task
+from pipeline.plan import RecipePlan, Step, step_key, step_tools
+from pipeline.settings import Settings
+from pipeline.store import Entry, Store
+
+
+@dataclass
+class StepOutcome:
+    step: str
+    stage: str
+    key: str | None = None
+    status: str = "pending"  # cached | ran | failed | skipped | pending
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecipeOutcome:
+    recipe: str
+    path: str
+    source: str
+    version: str
+    status: str = "passed"  # passed | gate_failed | bad_input | crashed
+    reason: str | None = None
+    bundle: str | None = None
+    delivered: bool = False
+    steps: list[StepOutcome] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return {"passed": 0, "gate_failed": GateFailed.exit_code, "bad_input": BadInput.exit_code}.get(
+            self.status, StageCrashed.exit_code
+        )
+
+
+@dataclass
+class RunSummary:
+    recipes: list[RecipeOutcome]
+    seconds: float
+
+    @property
+    def exit_code(self) -> int:
+        codes = [r.exit_code for r in self.recipes]
+        # Worst first: a crash hides nothing, bad input next, then failed gates.
+        for code in (3, 2, 1):
+            if code in codes:
+                return code
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"exit_code": self.exit_code, "seconds": round(self.seconds, 3), **asdict(self)}
+
+
+def _lineage(entry: Entry) -> dict[str, Any]:
+    """What a downstream step may know about an input's making (publish writes it into the manifest)."""
+    meta = entry.meta
+    return {k: meta.get(k) for k in ("stage", "key", "config", "tools", "seconds", "summary", "output_hash")}
+
+
+Event = Callable[[str, StepOutcome], None]
+
+
+class Runner:
+    def __init__(self, settings: Settings, executor: Executor, on_event: Event | None = None):
+        self.settings = settings
+        self.store = Store(settings.store_root)
+        self.executor = executor
+        self.on_event = on_event or (lambda kind, outcome: None)
+
+    def _task(self, step: Step, key: str, inputs: dict[str, Entry]) -> Task:
+        return Task(
+            step_id=step.id,
+            stage=step.stage,
+            key=key,
+            config=step.config,
+            inputs={name: str(entry.out) for name, entry in inputs.items()},
+            input_hashes={name: entry.output_hash for name, entry in inputs.items()},
+            context={**step.context, "upstream": {name: _lineage(e) for name, e in inputs.items()}},
+            tools=step_tools(step, inputs),
+            store_root=str(self.store.root),
+            logs=str(self.settings.logs),
+        )
+
+    def status(self, plans: list[RecipePlan]) -> dict[str, StepOutcome]:
+        """What `run` would do, without running: each step is cached, or will run."""
+        outcomes: dict[str, StepOutcome] = {}
+        entries: dict[str, Entry] = {}
+        for plan in plans:
+            for step in plan.steps:
+                outcome = StepOutcome(step.id, step.stage)
+                if all(i in entries for i in step.inputs.values()):
+                    outcome.key = step_key(step, {n: entries[i] for n, i in step.inputs.items()})
+                    entry = self.store.lookup(outcome.key)
+                    if entry is not None:
+                        entries[step.id] = entry
+                        outcome.status = "cached"
+                        outcome.summary = entry.meta.get("summary", {})
+                outcomes[step.id] = outcome
+        return outcomes
+
+    def run(self, plans: list[RecipePlan]) -> RunSummary:
+        started = time.perf_counter()
+        self.store.clean_stale()
+        results = {p.name: RecipeOutcome(p.name, str(p.path), p.source.uri, p.source.version) for p in plans}
+        steps = {s.id: s for p in plans for s in p.steps}
+        plan_of = {s.id: p for p in plans for s in p.steps}
+        outcomes = {sid: StepOutcome(sid, s.stage) for sid, s in steps.items()}
+        for plan in plans:
+            results[plan.name].steps = [outcomes[s.id] for s in plan.steps]
+        entries: dict[str, Entry] = {}
+        running: dict[Future, list[str]] = {}  # one future per key; steps of several recipes may share it
+        by_key: dict[str, Future] = {}
+        pending = [s.id for p in plans for s in p.steps]
+
+        def stop(recipe: str, status: str, reason: str) -> None:
+            result = results[recipe]
+            if result.status == "passed":
+                result.status, result.reason = status, reason
+            for sid in list(pending):
+                if steps[sid].recipe == recipe:
+                    pending.remove(sid)
+                    outcomes[sid].status = "skipped"
+
+        def finished(sid: str, entry: Entry, cached: bool) -> None:
+            outcome = outcomes[sid]
+            entries[sid] = entry
+            outcome.status = "cached" if cached else "ran"
+            outcome.summary = entry.meta.get("summary", {})
+            outcome.seconds = 0.0 if cached else float(entry.meta.get("seconds", 0.0))
+            self.on_event("done", outcome)
+            step = steps[sid]
+            verdict = outcome.summary.get("verdict")
+            if verdict is not None and not verdict.get("passed", False):
+                stop(step.recipe, "gate_failed", verdict.get("reason", f"{sid} failed"))
+            elif step.stage == "publish":
+                plan = plan_of[sid]
+                results[step.recipe].bundle = str(plan.bundle_dest)
+                results[step.recipe].delivered = deliver(entry.out, plan.bundle_dest)
+
+        try:
+            while pending or running:
+                progressed = False
+                for sid in list(pending):
+                    step = steps[sid]
+                    if not all(i in entries for i in step.inputs.values()):
+                        continue
+                    pending.remove(sid)
+                    progressed = True
+                    inputs = {name: entries[i] for name, i in step.inputs.items()}
+                    key = step_key(step, inputs)
+                    outcomes[sid].key = key
+                    entry = self.store.lookup(key)
+                    if entry is not None:
+                        finished(sid, entry, cached=True)
+                    elif key in by_key:
+                        running[by_key[key]].append(sid)
+                    else:
+                        self.on_event("start", outcomes[sid])
+                        future = self.executor.submit(self._task(step, key, inputs))
+                        by_key[key] = future
+                        running[future] = [sid]
+                if progressed:
+                    continue
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    sids = running.pop(future)
+                    try:
+                        meta = future.result()
+                    except BrokenProcessPool:
+                        error: KilnError = StageCrashed(
+                            f"{sids[0]}: the worker process died (out of memory or a crash in a native library)"
+                        )
+                    except KilnError as exc:
+                        error = exc
+                    else:
+                        entry = self.store.lookup(meta["key"])
+                        assert entry is not None, f"committed entry {meta['key']} vanished"
+                        for sid in sids:
+                            finished(sid, entry, cached=False)
+                        continue
+                    for sid in sids:
+                        outcomes[sid].status = "failed"
+                        self.on_event("failed", outcomes[sid])
+                        status = "bad_input" if isinstance(error, BadInput) else "crashed"
+                        stop(steps[sid].recipe, status, str(error))
+        finally:
+            self.executor.shutdown()
+        return RunSummary(list(results.values()), time.perf_counter() - started)
+
+
+def bundle_paths(outcome: RecipeOutcome) -> dict[str, Path]:
+    if not outcome.bundle:
+        return {}
+    root = Path(outcome.bundle)
+    return {"bundle": root, "report": root / "report.md", "manifest": root / "manifest.json"}

@@ -1,0 +1,66 @@
+"""Where kiln keeps things, and which MLflow registry it talks to when nothing else says."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# No network here and none wanted: keep MLflow and Olive from phoning home, and keep an unreachable
+# tracking server from holding a run in minutes of retries.
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "OLIVE_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def quiet_environment() -> None:
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    artifacts: Path
+    tracking_uri_override: str | None = None  # --tracking-uri
+
+    @classmethod
+    def from_env(cls, artifacts: str | None = None, tracking_uri: str | None = None) -> "Settings":
+        root = artifacts or os.environ.get("KILN_ARTIFACTS") or "artifacts"
+        return cls(Path(root).resolve(), tracking_uri)
+
+    @property
+    def store_root(self) -> Path:
+        return self.artifacts / "store"
+
+    @property
+    def bundles(self) -> Path:
+        return self.artifacts / "bundles"
+
+    @property
+    def logs(self) -> Path:
+        return self.artifacts / "logs"
+
+    @property
+    def default_tracking_uri(self) -> str:
+        return f"sqlite:///{self.artifacts / 'mlflow.db'}"
+
+    @property
+    def default_artifact_location(self) -> str:
+        return (self.artifacts / "mlruns").as_uri()
+
+    def tracking_uri(self, recipe_uri: str | None) -> str:
+        """--tracking-uri, then the recipe's source.tracking_uri, then MLFLOW_TRACKING_URI, then the local default."""
+        return (
+            self.tracking_uri_override
+            or recipe_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or self.default_tracking_uri
+        )

@@ -1,0 +1,151 @@
+"""Content-addressed step store under <artifacts>/store.
+
+A step's outputs live in steps/<key[:2]>/<key>/out with a meta.json beside them. Entries are built in tmp/ and
+renamed into place in one step, so a reader sees a whole entry or none; a run killed at any moment leaves at most
+a stale tmp/ folder, which the next run removes. The first complete write of a key wins; a concurrent writer of
+the same key discards its copy and reuses the winner (the contents are the same by construction).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.hashing import file_table, tree_hash
+
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    path: Path  # the entry folder; outputs are under path / "out"
+    meta: dict[str, Any]
+
+    @property
+    def out(self) -> Path:
+        return self.path / "out"
+
+    @property
+    def output_hash(self) -> str:
+        return self.meta["output_hash"]
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.steps = self.root / "steps"
+        self.tmp = self.root / "tmp"
+
+    def entry_path(self, key: str) -> Path:
+        return self.steps / key[:2] / key
+
+    def lookup(self, key: str) -> Entry | None:
+        """The entry for key if it is complete and its files still have their recorded sizes."""
+        path = self.entry_path(key)
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            return None
+        for rel, info in meta.get("files", {}).items():
+            try:
+                if (path / "out" / rel).stat().st_size != info["bytes"]:
+                    return None
+            except OSError:
+                return None
+        return Entry(key, path, meta)
+
+    def begin(self, key: str) -> Path:
+        """A fresh private folder to build the entry in; its outputs go in <folder>/out."""
+        folder = self.tmp / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        (folder / "out").mkdir(parents=True)
+        return folder
+
+    def commit(self, key: str, folder: Path, meta: dict[str, Any]) -> Entry:
+        table = file_table(folder / "out")
+        meta = {**meta, "key": key, "files": table, "output_hash": tree_hash(table), "committed_at": time.time()}
+        write_json_atomic(folder / META, meta)
+        final = self.entry_path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stale = None
+        if final.exists() and self.lookup(key) is None:
+            # A damaged entry (files edited or removed by hand): move it aside, then replace it.
+            stale = final.with_name(f"{key}.damaged.{uuid.uuid4().hex[:8]}")
+            os.rename(final, stale)
+        try:
+            os.rename(folder, final)
+        except OSError:
+            existing = self.lookup(key)
+            if existing is None:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            return existing
+        finally:
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+        return Entry(key, final, meta)
+
+    def abandon(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def clean_stale(self) -> int:
+        """Remove build folders left by processes that no longer run (e.g. a run killed with SIGKILL)."""
+        removed = 0
+        if not self.tmp.is_dir():
+            return 0
+        for folder in self.tmp.iterdir():
+            parts = folder.name.split(".")
+            pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+            if pid is None or not _pid_alive(pid):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def verify(self) -> list[str]:
+        """Every problem in the store: entries whose files do not match their recorded sha256."""
+        from pipeline.hashing import sha256_file
+
+        problems = []
+        if not self.steps.is_dir():
+            return problems
+        for path in sorted(self.steps.glob("*/*")):
+            if ".damaged." in path.name:
+                continue
+            entry = self.lookup(path.name)
+            if entry is None:
+                problems.append(f"{path}: incomplete or damaged entry")
+                continue
+            on_disk = {p.relative_to(entry.out).as_posix() for p in entry.out.rglob("*") if p.is_file()}
+            if on_disk != set(entry.meta["files"]):
+                problems.append(f"{path}: files differ from meta.json")
+            for rel, info in entry.meta["files"].items():
+                if rel in on_disk and sha256_file(entry.out / rel) != info["sha256"]:
+                    problems.append(f"{path}/out/{rel}: sha256 differs from meta.json")
+        return problems

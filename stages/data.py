@@ -1,0 +1,145 @@
+"""data: the validation samples and the tensor spec every later stage works from.
+
+Samples come from the model's MLflow input example, a .npz file, an .npz logged in the source run, or are
+drawn from the spec with a seed. The spec comes from the recipe's `inputs`, else from the MLflow signature.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ModelError
+from stages.tensors import ModelSpec, TensorSpec, check_feeds, load_arrays, save_arrays
+
+VERSION = 1
+
+
+def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+    return ["numpy"] + (["mlflow"] if config["data"]["source"] in ("input_example", "run_artifact") else [])
+
+
+def _spec(config: dict, source: dict) -> ModelSpec:
+    outputs = config.get("outputs")
+    signature = source["signature"]
+    if not outputs and signature.get("outputs") and all(o.get("name") for o in signature["outputs"]):
+        outputs = [o["name"] for o in signature["outputs"]]
+    if config.get("inputs"):
+        return ModelSpec([TensorSpec(t["name"], t["dtype"], t["shape"]) for t in config["inputs"]], outputs)
+    declared = signature.get("inputs")
+    if not declared or not all(t.get("name") for t in declared):
+        raise ModelError(
+            f"{source['uri']}: the MLflow signature has no named tensor inputs; declare them in the recipe's 'inputs'"
+        )
+    tensors = []
+    for t in declared:
+        # -1 in a signature is a dynamic axis; the first is the batch, the others share names by position.
+        shape = [("batch" if i == 0 else f"dim{i}") if d == -1 else int(d) for i, d in enumerate(t["shape"])]
+        tensors.append(TensorSpec(t["name"], np.dtype(t["dtype"]).name, shape))
+    return ModelSpec(tensors, outputs)
+
+
+def _synthetic(spec: ModelSpec, config: dict, declared: dict[str, dict]) -> dict[str, np.ndarray]:
+    data = config["data"]
+    rng = np.random.default_rng(data["seed"])
+    arrays = {}
+    for i, tensor in enumerate(spec.inputs):
+        shape = []
+        for axis, dim in enumerate(tensor.shape):
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif axis == 0:
+                shape.append(data["samples"])
+            elif dim in data["axes"]:
+                shape.append(data["axes"][dim])
+            else:
+                raise ModelError(
+                    f"validation.data.axes.{dim}: size needed to draw synthetic '{tensor.name}' (axis {axis} is dynamic)"
+                )
+        low, high = declared.get(tensor.name, {}).get("low"), declared.get(tensor.name, {}).get("high")
+        dtype = np.dtype(tensor.dtype)
+        if dtype.kind in "iu":
+            array = rng.integers(int(low if low is not None else 0), int(high if high is not None else 2), size=shape)
+        elif dtype.kind == "b":
+            array = rng.integers(0, 2, size=shape).astype(bool)
+        elif low is not None or high is not None:
+            array = rng.uniform(low if low is not None else 0.0, high if high is not None else 1.0, size=shape)
+        else:
+            array = rng.standard_normal(size=shape)
+        arrays[tensor.name] = array.astype(dtype)
+    return arrays
+
+
+def _from_input_example(model_dir: Path, spec: ModelSpec, source: dict) -> dict[str, np.ndarray]:
+    from mlflow.models import Model
+
+    if not source.get("input_example"):
+        raise ModelError(f"validation.data.source input_example: {source['uri']} was logged without an input example")
+    example = Model.load(str(model_dir)).load_input_example(str(model_dir))
+    if isinstance(example, dict):
+        return {k: np.asarray(v) for k, v in example.items()}
+    if len(spec.inputs) == 1:
+        return {spec.inputs[0].name: np.asarray(example)}
+    raise ModelError(f"{source['uri']}: the input example is one array but the model has {len(spec.inputs)} inputs")
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    source = json.loads((inputs["model"] / "source.json").read_text())
+    spec = _spec(config, source)
+    data = config["data"]
+    labels = None
+    if data["source"] == "synthetic":
+        declared = {t["name"]: t for t in (config.get("inputs") or [])}
+        arrays = _synthetic(spec, config, declared)
+        origin = "synthetic data"
+    elif data["source"] == "input_example":
+        arrays = _from_input_example(inputs["model"] / "model", spec, source)
+        origin = f"input example of {source['uri']}"
+    else:
+        if data["source"] == "npz":
+            path = Path(context["npz"])
+        else:
+            import mlflow.artifacts
+
+            try:
+                path = Path(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=source["run_id"],
+                        artifact_path=data["path"],
+                        dst_path=str(out.parent / "download"),
+                        tracking_uri=context["tracking_uri"],
+                    )
+                )
+            except Exception as exc:  # noqa: BLE001
+                raise ModelError(
+                    f"validation.data.path: '{data['path']}' not found in run {source['run_id']} ({type(exc).__name__})"
+                ) from None
+        origin = f"validation.data.path {data['path'] or path}"
+        try:
+            arrays = load_arrays(path)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{origin}: not a readable .npz file ({exc})") from None
+        if data["labels"]:
+            if data["labels"] not in arrays:
+                raise ModelError(f"validation.data.labels: no array '{data['labels']}' in {path.name}")
+            labels = arrays[data["labels"]]
+        arrays = {t.name: arrays[t.name] for t in spec.inputs if t.name in arrays} or arrays
+        if spec.batch_axis_named:
+            arrays = {k: v[: data["samples"]] for k, v in arrays.items()}
+            labels = labels[: data["samples"]] if labels is not None else None
+    shutil.rmtree(out.parent / "download", ignore_errors=True)  # read into memory; keep only what we write
+    check_feeds(spec, arrays, origin)
+    arrays = {t.name: arrays[t.name].astype(np.dtype(t.dtype), copy=False) for t in spec.inputs}
+    save_arrays(out / "inputs.npz", arrays)
+    if labels is not None:
+        save_arrays(out / "labels.npz", {"labels": labels})
+    spec.save(out / "spec.json")
+    return {
+        "source": data["source"],
+        "samples": int(next(iter(arrays.values())).shape[0]) if arrays else 0,
+        "shapes": {k: list(v.shape) for k, v in arrays.items()},
+        "labels": labels is not None,
+    }

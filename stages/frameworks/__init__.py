@@ -1,0 +1,36 @@
+"""Source frameworks. Each module knows how to load an MLflow model of its flavor, run it on numpy feeds, and
+export it to ONNX:
+
+    load(model_dir: Path) -> model
+    predict(model, spec: ModelSpec, feeds: dict[str, ndarray]) -> list[ndarray]   (outputs in export order)
+    export_onnx(model, spec, feeds, output_names, exporter, opset, path) -> dict (what was done)
+    set_threads(n), TOOLS: list of distributions whose versions key the steps that use it
+
+A new source framework is a module plus an entry here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from pipeline.errors import ModelError
+
+FRAMEWORKS: dict[str, str] = {
+    "pytorch": "stages.frameworks.pytorch",
+}
+
+
+def framework(flavor: str) -> ModuleType:
+    try:
+        return importlib.import_module(FRAMEWORKS[flavor])
+    except KeyError:
+        raise ModelError(
+            f"model flavor '{flavor}' is not supported yet (supported: {', '.join(FRAMEWORKS)})"
+        ) from None
+
+
+def tools(flavor: str | None) -> list[str]:
+    if flavor is None or flavor not in FRAMEWORKS:
+        return []
+    return list(importlib.import_module(FRAMEWORKS[flavor]).TOOLS)

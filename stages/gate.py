@@ -1,0 +1,113 @@
+"""gate: judge validate's measurements against the recipe's gates. Pure: metrics + thresholds -> verdicts.
+The first failed verdict is the one-line reason `kiln run` prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages import parity
+from stages.tensors import load_arrays
+
+VERSION = 1
+
+
+def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+    return ["numpy"]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _per_batch(value, batch: str):
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get(batch, value.get(int(batch)) if batch.isdigit() else None)
+    return value
+
+
+def _output_gate(gates: dict, name: str) -> dict:
+    merged = dict(gates["parity"]["default"])
+    merged.update({k: v for k, v in gates["parity"]["outputs"].get(name, {}).items() if v is not None})
+    return merged
+
+
+def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict) -> list[dict]:
+    found = []
+
+    def add(gate: str, subject: str, passed: bool, value, threshold, message: str) -> None:
+        found.append(
+            {"gate": gate, "subject": subject, "passed": bool(passed), "value": value, "threshold": threshold,
+             "message": message}
+        )
+
+    unknown = sorted(set(gates["parity"]["outputs"]) - set(metrics["outputs"]))
+    for name in unknown:
+        add("parity.outputs", name, False, None, None,
+            f"gates.parity.outputs.{name}: the model has no output '{name}' (outputs: {', '.join(metrics['outputs'])})")
+
+    for name, measured in metrics["outputs"].items():
+        gate = _output_gate(gates, name)
+        label = f"output '{name}'"
+        if measured.get("shape_mismatch"):
+            add("shape", name, False, measured["candidate_shape"], measured["shape"],
+                f"{label}: ONNX shape {measured['candidate_shape']} != original {measured['shape']}")
+            continue
+        bad = measured["nan"] + measured["inf"]
+        add("finite", name, bad == 0 or measured["reference_nan"] > 0, bad, 0,
+            f"{label}: {measured['nan']} NaN and {measured['inf']} Inf values in the ONNX output")
+        if gate.get("atol") is not None or gate.get("rtol") is not None:
+            atol, rtol = gate.get("atol") or 0.0, gate.get("rtol") or 0.0
+            worst = parity.tolerance_violation(reference[name], candidate[name], atol, rtol)
+            add("atol_rtol", name, worst["passed"], worst["worst_abs_error"], {"atol": atol, "rtol": rtol},
+                f"{label}: |onnx - original| = {_fmt(worst['worst_abs_error'])} at index {tuple(worst['worst_index'])} "
+                f"exceeds atol {_fmt(atol)} + rtol {_fmt(rtol)} x |original| = {_fmt(worst['worst_allowed'])} "
+                f"({worst['violations']} of {worst['elements']} elements out of tolerance)")
+        if gate.get("min_cosine") is not None:
+            add("min_cosine", name, measured["cosine"] >= gate["min_cosine"], measured["cosine"], gate["min_cosine"],
+                f"{label}: cosine similarity {measured['cosine']:.6f} is below min_cosine {gate['min_cosine']}")
+        if gate.get("min_top1") is not None:
+            agreement = measured.get("top1_agreement")
+            if agreement is None:
+                add("min_top1", name, False, None, gate["min_top1"],
+                    f"gates.parity min_top1: {label} has no class axis (shape {measured['shape']})")
+            else:
+                add("min_top1", name, agreement >= gate["min_top1"], agreement, gate["min_top1"],
+                    f"{label}: top-1 agreement {agreement:.4f} is below min_top1 {gate['min_top1']}")
+
+    max_drop = gates["parity"].get("max_accuracy_drop")
+    if max_drop is not None and metrics.get("task"):
+        task = metrics["task"]
+        add("max_accuracy_drop", task["output"], task["drop"] <= max_drop, task["drop"], max_drop,
+            f"accuracy dropped {task['drop']:.4f} ({task['reference']:.4f} -> {task['candidate']:.4f}), "
+            f"more than max_accuracy_drop {max_drop}")
+
+    for batch, timing in metrics["latency"].items():
+        limit = _per_batch(gates["latency"].get("max_p95_ms"), batch)
+        if limit is not None:
+            p95 = timing["onnxruntime"]["p95_ms"]
+            add("max_p95_ms", f"batch {batch}", p95 <= limit, p95, limit,
+                f"batch {batch}: ONNX Runtime p95 {p95:.3f} ms exceeds max_p95_ms {limit}")
+        minimum = _per_batch(gates["latency"].get("min_speedup"), batch)
+        if minimum is not None:
+            speedup = timing["speedup_p50"]
+            add("min_speedup", f"batch {batch}", speedup >= minimum, speedup, minimum,
+                f"batch {batch}: speedup {speedup:.2f}x over the original is below min_speedup {minimum}x")
+    return found
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    metrics = json.loads((inputs["metrics"] / "metrics.json").read_text())
+    reference = load_arrays(inputs["metrics"] / "reference.npz")
+    candidate = load_arrays(inputs["metrics"] / "candidate.npz")
+    found = verdicts(config["gates"], metrics, reference, candidate)
+    failed = [v for v in found if not v["passed"]]
+    result = {"passed": not failed, "verdicts": found}
+    (out / "verdicts.json").write_text(json.dumps(result, indent=2))
+    return {
+        "verdict": {"passed": not failed, "reason": failed[0]["message"] if failed else None},
+        "checked": len(found),
+        "failed": len(failed),
+    }

@@ -1,0 +1,77 @@
+"""optimize: onnxruntime.transformers fusions (when the recipe names a transformer model type), then ONNX
+Runtime's offline graph optimization. Records node counts and which fused operators appeared."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+
+from pipeline.errors import ModelError
+from pipeline.versions import onnxruntime_distribution
+
+VERSION = 1
+
+
+def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+    return ["onnx", onnxruntime_distribution()]
+
+
+def _ops(path: Path) -> Counter:
+    import onnx
+
+    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    from stages import onnx_runtime
+
+    source = inputs["onnx"] / "model.onnx"
+    before = _ops(source)
+    fusions: dict[str, int] = {}
+    current = source
+    transformer = config.get("transformer")
+    if transformer:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        log = io.StringIO()
+        logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(log):
+                fused = optimize_model(
+                    str(source),
+                    model_type=transformer["model_type"],
+                    num_heads=transformer["num_heads"],
+                    hidden_size=transformer["hidden_size"],
+                    opt_level=0,  # graph-level optimization happens below, once, at the recipe's level
+                    use_gpu=False,
+                )
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(
+                f"optimize.transformer: onnxruntime fusion for model_type {transformer['model_type']} failed: {exc}"
+            ) from None
+        fusions = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+        current = out / "fused.onnx"
+        fused.save_model_to_file(str(current))
+
+    target = out / "model.onnx"
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, onnx_runtime.LEVELS[config["level"]])
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(current), options, providers=["CPUExecutionProvider"])
+    if current != source:
+        current.unlink()
+    after = _ops(target)
+    return {
+        "level": config["level"],
+        "transformer": transformer["model_type"] if transformer else None,
+        "fusions": fusions,
+        "nodes_before": sum(before.values()),
+        "nodes_after": sum(after.values()),
+        "bytes": target.stat().st_size,
+    }

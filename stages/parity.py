@@ -1,0 +1,63 @@
+"""Parity measures between a reference output (the original framework) and a candidate (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    result: dict = {
+        "shape": list(reference.shape),
+        "candidate_shape": list(candidate.shape),
+        "dtype": str(reference.dtype),
+        "candidate_dtype": str(candidate.dtype),
+    }
+    if reference.shape != candidate.shape:
+        result["shape_mismatch"] = True
+        return result
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    nan = int(np.isnan(cand).sum())
+    inf = int(np.isinf(cand).sum())
+    finite = np.isfinite(ref) & np.isfinite(cand)
+    abs_err = np.abs(cand - ref)[finite]
+    rel_err = abs_err / (np.abs(ref[finite]) + 1e-12)
+    flat_ref, flat_cand = np.where(finite, ref, 0).ravel(), np.where(finite, cand, 0).ravel()
+    norm = np.linalg.norm(flat_ref) * np.linalg.norm(flat_cand)
+    result.update(
+        {
+            "max_abs_error": float(abs_err.max()) if abs_err.size else 0.0,
+            "mean_abs_error": float(abs_err.mean()) if abs_err.size else 0.0,
+            "p99_abs_error": float(np.percentile(abs_err, 99)) if abs_err.size else 0.0,
+            "max_rel_error": float(rel_err.max()) if rel_err.size else 0.0,
+            "cosine": float(flat_ref @ flat_cand / norm) if norm > 0 else float(np.array_equal(flat_ref, flat_cand)),
+            "nan": nan,
+            "inf": inf,
+            "reference_nan": int(np.isnan(ref).sum()),
+        }
+    )
+    if reference.ndim >= 2 and reference.shape[-1] > 1:
+        agree = np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)
+        result["top1_agreement"] = float(agree.mean())
+    return result
+
+
+def tolerance_violation(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> dict:
+    """Where |candidate - reference| exceeds atol + rtol * |reference| the most (numpy.allclose's rule)."""
+    ref = reference.astype(np.float64)
+    diff = np.abs(candidate.astype(np.float64) - ref)
+    allowed = atol + rtol * np.abs(ref)
+    excess = np.where(np.isnan(diff), np.inf, diff - allowed)
+    worst = np.unravel_index(int(np.argmax(excess)), excess.shape) if excess.size else ()
+    return {
+        "passed": bool(excess.size == 0 or excess.max() <= 0),
+        "violations": int((excess > 0).sum()),
+        "elements": int(excess.size),
+        "worst_index": [int(i) for i in worst],
+        "worst_abs_error": float(diff[worst]) if excess.size else 0.0,
+        "worst_allowed": float(allowed[worst]) if excess.size else 0.0,
+    }
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.argmax(logits, axis=-1) == labels.reshape(-1)).mean())

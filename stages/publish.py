@@ -1,0 +1,93 @@
+"""publish: assemble the hand-off bundle: the optimized ONNX model, the ORT session config that validate
+measured with, sample inputs/outputs, manifest.json (lineage, hashes, tool versions, metrics, verdicts) and
+report.md. The runner delivers the bundle to its destination atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.hashing import file_table
+from pipeline.report import render_report
+from pipeline.versions import environment
+from stages.tensors import ModelSpec, load_arrays, save_arrays
+
+VERSION = 1
+SAMPLES = 4  # sample requests shipped with the bundle
+
+
+def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+    return ["numpy"]
+
+
+def _session_config(spec: ModelSpec, metrics: dict, onnx_outputs: list[str]) -> dict:
+    return {
+        "model": "model.onnx",
+        "providers": ["CPUExecutionProvider"],
+        "session_options": {
+            # The model is already optimized offline at the recipe's level; do not optimize it again at load.
+            "graph_optimization_level": "ORT_DISABLE_ALL",
+            "intra_op_num_threads": metrics["threads"],
+            "inter_op_num_threads": 1,
+            "execution_mode": "ORT_SEQUENTIAL",
+        },
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in spec.inputs],
+        "outputs": onnx_outputs,
+    }
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    source = json.loads((inputs["model"] / "source.json").read_text())
+    spec = ModelSpec.load(inputs["data"] / "spec.json")
+    metrics = json.loads((inputs["metrics"] / "metrics.json").read_text())
+    verdicts = json.loads((inputs["verdicts"] / "verdicts.json").read_text())
+    upstream = context["upstream"]
+
+    shutil.copyfile(inputs["onnx"] / "model.onnx", out / "model.onnx")
+    feeds = load_arrays(inputs["data"] / "inputs.npz")
+    candidate = load_arrays(inputs["metrics"] / "candidate.npz")
+    if spec.batch_axis_named:
+        save_arrays(out / "sample_inputs.npz", {k: v[:SAMPLES] for k, v in feeds.items()})
+        save_arrays(out / "sample_outputs.npz", {k: v[:SAMPLES] for k, v in candidate.items()})
+    (out / "session_config.json").write_text(json.dumps(_session_config(spec, metrics, list(candidate)), indent=2))
+
+    order = ["model", "data", "export", "onnx", "metrics", "verdicts"]
+    steps = [upstream[name] for name in order if name in upstream]
+    tools_used: dict[str, str | None] = {}
+    for step in steps:
+        tools_used.update(step.get("tools") or {})
+    manifest = {
+        "kiln_version": __version__,
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {"name": config["recipe"]["name"], "sha256": config["recipe_sha256"], "spec": config["recipe"]},
+        "source": {**{k: source[k] for k in ("uri", "name", "version", "run_id", "flavor", "framework_version")},
+                   "requested_uri": context["source_uri"]},
+        "model": {
+            "file": "model.onnx",
+            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in spec.inputs],
+            "outputs": list(candidate),
+        },
+        "steps": [
+            {k: step.get(k) for k in ("stage", "key", "config", "tools", "seconds", "summary", "output_hash")}
+            for step in steps
+        ],
+        "tools": dict(sorted(tools_used.items())),
+        "environment": environment(),
+        "metrics": metrics,
+        "gates": verdicts,
+    }
+    manifest["files"] = file_table(out)  # every file but manifest.json and report.md, which describe them
+    (out / "report.md").write_text(render_report(manifest))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
+    return {"files": len(manifest["files"]) + 2, "passed": verdicts["passed"]}
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,0 +1,106 @@
+"""Tensor specs and the arrays that fill them: shared by data, export and validate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ModelError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list  # ints are fixed, strings name dynamic axes
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    inputs: list[TensorSpec]
+    outputs: list[str] | None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"inputs": [asdict(t) for t in self.inputs], "outputs": self.outputs}, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelSpec":
+        data = json.loads(path.read_text())
+        return cls([TensorSpec(**t) for t in data["inputs"]], data["outputs"])
+
+    @property
+    def batch_axis_named(self) -> bool:
+        """True when every input's first axis is dynamic (so batches can be built by stacking samples)."""
+        return all(t.shape and isinstance(t.shape[0], str) for t in self.inputs)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    # Written under the final name inside a step's private folder, which is committed atomically.
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def check_feeds(spec: ModelSpec, feeds: dict[str, np.ndarray], origin: str) -> None:
+    """Every declared input present with its dtype and rank, fixed sizes matching; names what is wrong."""
+    for tensor in spec.inputs:
+        if tensor.name not in feeds:
+            raise ModelError(f"{origin}: tensor '{tensor.name}' is missing (has: {', '.join(feeds) or 'nothing'})")
+        array = feeds[tensor.name]
+        if array.ndim != len(tensor.shape):
+            raise ModelError(
+                f"{origin}: tensor '{tensor.name}' has rank {array.ndim}, expected {len(tensor.shape)} "
+                f"(shape {tensor.shape})"
+            )
+        for axis, dim in enumerate(tensor.shape):
+            if isinstance(dim, int) and array.shape[axis] != dim:
+                raise ModelError(
+                    f"{origin}: tensor '{tensor.name}' axis {axis} is {array.shape[axis]}, expected {dim}"
+                )
+
+
+def resize_axis(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Take the first `size` entries along axis, repeating the array when it is shorter."""
+    have = array.shape[axis]
+    if size <= have:
+        return np.take(array, np.arange(size), axis=axis)
+    reps = -(-size // have)
+    tiled = np.concatenate([array] * reps, axis=axis)
+    return np.take(tiled, np.arange(size), axis=axis)
+
+
+def resize_axes(spec: ModelSpec, feeds: dict[str, np.ndarray], sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """Feeds with each named dynamic axis set to sizes[name] (axes not in sizes keep their size)."""
+    out = {}
+    for tensor in spec.inputs:
+        array = feeds[tensor.name]
+        for axis, dim in tensor.dynamic_axes().items():
+            if dim in sizes:
+                array = resize_axis(array, axis, sizes[dim])
+        out[tensor.name] = np.ascontiguousarray(array)
+    return out
+
+
+def axis_sizes(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for tensor in spec.inputs:
+        for axis, dim in tensor.dynamic_axes().items():
+            sizes.setdefault(dim, int(feeds[tensor.name].shape[axis]))
+    return sizes
+
+
+def batch_of(spec: ModelSpec, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """A batch of `batch` samples built from the validation samples (repeating them when there are fewer)."""
+    if not spec.batch_axis_named:
+        raise ModelError("validation.latency.batch_sizes: the model's first axis is fixed, so batches cannot be built")
+    return resize_axes(spec, feeds, {t.shape[0]: batch for t in spec.inputs})
