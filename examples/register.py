@@ -96,7 +96,7 @@ def _register(client, name: str, digest: str, log) -> str:
     experiment_id = experiment.experiment_id if experiment else None
     with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
         info = log(run)
-    version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags={"kiln.example.digest": digest})
+    version = mlflow.register_model(info.model_uri, name, tags={"kiln.example.digest": digest})
     for _ in range(50):  # file and sqlite stores are ready at once; a server may take a moment
         if client.get_model_version(name, version.version).status == "READY":
             break

@@ -40,6 +40,9 @@ def _plans(paths: tuple[str, ...], settings: Settings):
     from pipeline.plan import plan_recipe
     from pipeline.recipe import load_recipe
 
+    from pipeline.versions import check_onnxruntime_install
+
+    check_onnxruntime_install()
     recipes = [(path, load_recipe(path)) for path in _recipe_files(paths)]
     names = [r.name for _, r in recipes]
     duplicated = sorted({n for n in names if names.count(n) > 1})

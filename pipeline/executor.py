@@ -73,6 +73,8 @@ def execute(task: Task) -> dict[str, Any]:
 
 
 class Executor(Protocol):
+    capacity: int  # steps it runs at once; the runner submits no more than that
+
     def submit(self, task: Task) -> Future: ...
 
     def shutdown(self) -> None: ...
@@ -80,6 +82,8 @@ class Executor(Protocol):
 
 class InlineExecutor:
     """Runs each step in this process. For debugging and for callers that already isolate runs."""
+
+    capacity = 1
 
     def submit(self, task: Task) -> Future:
         future: Future = Future()
@@ -99,7 +103,7 @@ class LocalProcessExecutor:
     framework is imported once per worker, not once per step."""
 
     def __init__(self, jobs: int = 1):
-        self.jobs = jobs
+        self.jobs = self.capacity = jobs
         self._pool: ProcessPoolExecutor | None = None
 
     def _ensure(self) -> ProcessPoolExecutor:

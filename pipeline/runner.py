@@ -164,6 +164,8 @@ class Runner:
                     step = steps[sid]
                     if not all(i in entries for i in step.inputs.values()):
                         continue
+                    if len(running) >= self.executor.capacity:
+                        break
                     pending.remove(sid)
                     progressed = True
                     inputs = {name: entries[i] for name, i in step.inputs.items()}

@@ -30,3 +30,16 @@ def environment() -> dict[str, str | None]:
         "machine": platform.machine(),
         "modelkiln": version_of("modelkiln"),
     }
+
+
+def check_onnxruntime_install() -> None:
+    """onnxruntime and onnxruntime-gpu install into one folder; with both present, whichever was installed last
+    silently wins and uninstalling either breaks the import. Refuse to build on such an environment."""
+    from pipeline.errors import KilnError
+
+    cpu, gpu = version_of("onnxruntime"), version_of("onnxruntime-gpu")
+    if cpu and gpu:
+        raise KilnError(
+            f"both onnxruntime {cpu} and onnxruntime-gpu {gpu} are installed and overwrite each other; "
+            "`pip uninstall -y onnxruntime onnxruntime-gpu`, then install one (extra `cpu` or `gpu`)"
+        )

@@ -1,0 +1,137 @@
+"""Shared fixtures. Integration tests drive the real `kiln` CLI in subprocesses against real MLflow
+registries: the sqlite default (registered once per session) and a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+QUIET = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "KILN_"))}
+    env.update(QUIET)
+    env.update(extra)
+    return env
+
+
+def kiln(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path = ROOT):
+    """Run the real CLI; returns CompletedProcess with text stdout/stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=env or base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_json(*args: str, **kwargs):
+    result = kiln("run", "--json", *args, **kwargs)
+    summary = json.loads(result.stdout) if result.stdout.strip().startswith("{") else None
+    return result, summary
+
+
+def steps_by_status(summary: dict, status: str) -> list[str]:
+    return [s["step"] for r in summary["recipes"] for s in r["steps"] if s["status"] == status]
+
+
+def register_examples(tracking_uri: str, artifacts: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.register", "--tracking-uri", tracking_uri, "--artifacts", str(artifacts)],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory) -> str:
+    """A sqlite MLflow registry (kiln's embedded default kind) with the example models as @champion."""
+    home = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    register_examples(uri, home)
+    return uri
+
+
+def write_recipe(path: Path, source: Path, replace: dict[str, str]) -> Path:
+    text = source.read_text()
+    for old, new in replace.items():
+        assert old in text, f"{old!r} not in {source}"
+        text = text.replace(old, new)
+    path.write_text(text)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts), stopped by its PID."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(home / "server.log", "w")
+    mlflow = Path(sys.executable).parent / "mlflow"
+    process = subprocess.Popen(
+        [
+            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination", str(home / "artifacts"),
+            "--workers", "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=base_env(),
+        start_new_session=True,  # its gunicorn/uvicorn workers go down with it
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=10)
+        log.close()

@@ -1,0 +1,54 @@
+"""A run killed with SIGKILL at any moment leaves a consistent store and no partial bundle; the next run completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import RECIPES, ROOT, base_env, kiln
+from pipeline.hashing import sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def _bundles_whole(artifacts: Path) -> int:
+    count = 0
+    for manifest_path in (artifacts / "bundles").glob("*/v*/manifest.json"):
+        bundle = manifest_path.parent
+        manifest = json.loads(manifest_path.read_text())
+        assert (bundle / "report.md").is_file()
+        for rel, info in manifest["files"].items():
+            assert sha256_file(bundle / rel) == info["sha256"], f"partial bundle {bundle}"
+        count += 1
+    for folder in (artifacts / "bundles").glob("*/v*"):
+        assert (folder / "manifest.json").is_file(), f"bundle folder without manifest: {folder}"
+    return count
+
+
+def test_sigkill_at_random_moments(registry, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    rng = random.Random(int(os.environ.get("KILN_KILL_SEED", "7")))
+    args = [sys.executable, "-m", "pipeline", "run", str(RECIPES), "--tracking-uri", registry,
+            "--artifacts", str(artifacts)]
+    for delay in sorted(rng.uniform(2.0, 16.0) for _ in range(3)):
+        process = subprocess.Popen(args, cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGKILL)  # the runner and its workers, mid-whatever
+        process.wait(timeout=30)
+        time.sleep(0.5)
+        verified = kiln("verify-store", "--artifacts", str(artifacts))
+        assert verified.returncode == 0, verified.stderr
+        _bundles_whole(artifacts)
+    result = kiln("run", str(RECIPES), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert result.returncode == 0, result.stderr
+    assert _bundles_whole(artifacts) == 2
+    assert not any((artifacts / "store" / "tmp").iterdir())  # stale build folders were cleaned
