@@ -6,14 +6,24 @@ PY     := $(VENV)/bin/python
 # The stamp names the hash of what was installed, so editing pyproject.toml or constraints.txt reinstalls.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 
-.PHONY: demo test install clean-artifacts
+# nvidia-pytriton ships a real tritonserver (Python backend only). It needs numpy 1.26 and protobuf < 7, which
+# cannot share .venv (numpy 2, protobuf 7), so it lives in .venv-triton; onnxruntime runs the ONNX model there.
+TRITON_VENV := .venv-triton
+TRITON_PKGS := nvidia-pytriton==0.7.0 numpy==1.26.4 protobuf==6.33.6 onnxruntime==1.32.0
+TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell echo '$(TRITON_PKGS)' | sha256sum | cut -c1-16)
+
+.PHONY: demo test install clean-artifacts serving-env java
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade 'pip>=24'
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev,tf]'
+	# tensorflow-serving-api's protos run on tensorflow-cpu; its dependency on the full tensorflow wheel would
+	# put a second TensorFlow in the same folder, so it goes in without dependencies.
+	$(PY) -m pip install -q -c constraints.txt --no-deps tensorflow-serving-api
+	$(PY) -m pip install -q -c constraints.txt -e '.[serving]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -23,8 +33,25 @@ demo: $(STAMP)
 	$(VENV)/bin/kiln run recipes/
 
 ## make test: the whole suite, slow integration tests (real mlflow server, real models) included.
-test: $(STAMP)
+test: $(STAMP) serving-env
 	$(PY) -m pytest
+
+## What the serving tests start besides .venv: a JDK for TorchServe, and Triton's server in its own venv.
+serving-env: java $(TRITON_STAMP)
+
+# TorchServe's frontend is Java (17+). Installed from the OS when missing and we may (CI: root on Debian);
+# otherwise the TorchServe tests skip and say so.
+java:
+	@command -v java >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -q && apt-get install -y -q openjdk-17-jre-headless; } \
+	  || echo "warning: no java and cannot install it; the TorchServe integration tests will be skipped"
+
+$(TRITON_STAMP):
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade 'pip>=24'
+	$(TRITON_VENV)/bin/python -m pip install -q $(TRITON_PKGS)
+	rm -f $(TRITON_VENV)/.installed-*
+	touch $@
 
 clean-artifacts:
 	find artifacts -mindepth 1 ! -name README.md -exec rm -rf {} +

@@ -60,6 +60,30 @@ def train_digits_cnn(seed: int = 0, epochs: int = 15):
     return model, x_test, y_test, accuracy
 
 
+def _digits_split(seed: int = 0):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    return train_test_split(x, digits.target.astype(np.int64), test_size=0.2, random_state=seed, stratify=digits.target)
+
+
+def train_digits_keras(seed: int = 0, epochs: int = 30):
+    """A Keras 3 MLP on the flattened 8x8 digits (64 features); returns the model and the held-out split."""
+    import keras
+
+    from examples.keras_models import digits_mlp
+
+    x_train, x_test, y_train, y_test = _digits_split(seed)
+    keras.utils.set_random_seed(seed)
+    model = digits_mlp()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
+    accuracy = float((model.predict(x_test, verbose=0).argmax(1) == y_test).mean())
+    return model, x_test, y_test, accuracy
+
+
 def build_bert_encoder(seed: int = 0):
     import torch
 
@@ -117,7 +141,7 @@ def register_all(tracking_uri: str, artifact_location: str, force: bool = False)
         client.create_experiment(EXPERIMENT, artifact_location=artifact_location if tracking_uri.startswith("sqlite") else None)
     registered = {}
 
-    for name, builder in (("digits-cnn", _log_digits), ("bert-encoder", _log_bert)):
+    for name, builder in (("digits-cnn", _log_digits), ("bert-encoder", _log_bert), ("digits-keras", _log_keras)):
         digest = _digest(name)
         existing = None if force else _current(client, name, digest)
         if existing:
@@ -173,6 +197,21 @@ def _log_bert(run):
         code_paths=[str(HERE)],
         pip_requirements=["torch", "transformers"],
     )
+
+
+def _log_keras(run):
+    import mlflow
+    import mlflow.tensorflow
+
+    model, x_test, y_test, accuracy = train_digits_keras()
+    mlflow.log_metric("test_accuracy", accuracy)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "digits-test.npz"
+        np.savez(path, features=x_test, labels=y_test)
+        mlflow.log_artifact(str(path), artifact_path="validation")
+    signature = _tensor_signature([("features", "float32", (-1, 64))], [("probabilities", "float32", (-1, 10))])
+    # mlflow.tensorflow, not mlflow.keras: it logs Keras 3 models with a signature reliably here.
+    return mlflow.tensorflow.log_model(model, name="model", signature=signature, pip_requirements=["tensorflow"])
 
 
 def main(argv: list[str] | None = None) -> None:

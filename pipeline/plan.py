@@ -86,6 +86,7 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
         "outputs": recipe.outputs,
     }
 
+    source_options = {"signature": recipe.source.signature}  # how the original model is called
     data_config = recipe.validation.data.model_dump(mode="json")
     data_files: dict[str, str] = {}
     data_context: dict[str, Any] = dict(registry)
@@ -105,31 +106,53 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
         Step(
             name,
             "export",
-            recipe.export.model_dump(mode="json"),
+            {**recipe.export.model_dump(mode="json"), "source_options": source_options},
             {"model": f"{name}:fetch", "data": f"{name}:data"},
         ),
         Step(name, "optimize", recipe.optimize.model_dump(mode="json"), {"onnx": f"{name}:export"}),
         Step(
             name,
             "validate",
-            {"latency": recipe.validation.latency.model_dump(mode="json")},
+            {"latency": recipe.validation.latency.model_dump(mode="json"), "source_options": source_options},
             {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:optimize"},
         ),
         Step(name, "gate", {"gates": recipe.gates.model_dump(mode="json")}, {"metrics": f"{name}:validate"}),
+    ]
+    dest_root = _resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
+    bundle_dest = dest_root / name / f"v{source.version}"
+    built = {
+        "model": f"{name}:fetch",
+        "data": f"{name}:data",
+        "onnx": f"{name}:optimize",
+        "metrics": f"{name}:validate",
+        "verdicts": f"{name}:gate",
+    }
+    serving = {}
+    for target in recipe.serving.targets:
+        # After the gate: no serving config is built for a model that failed it. The bundle's final path is
+        # keyed because some servers want absolute paths in their configs.
+        step = Step(
+            name,
+            f"serve.{target}",
+            {
+                "target": target,
+                "config": getattr(recipe.serving, target).model_dump(mode="json"),
+                "model_name": name,
+                "latency_gates": recipe.gates.latency.model_dump(mode="json"),
+                "source_options": source_options,
+                "bundle_dest": str(bundle_dest),
+            },
+            built,
+        )
+        steps.append(step)
+        serving[f"serving.{target}"] = step.id
+    steps.append(
         Step(
             name,
             "publish",
             {"recipe": recipe.model_dump(mode="json"), "recipe_sha256": recipe_digest(recipe)},
-            {
-                "model": f"{name}:fetch",
-                "data": f"{name}:data",
-                "export": f"{name}:export",
-                "onnx": f"{name}:optimize",
-                "metrics": f"{name}:validate",
-                "verdicts": f"{name}:gate",
-            },
+            {**built, "export": f"{name}:export", **serving},
             context={"source_uri": source.uri},
-        ),
-    ]
-    dest_root = _resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
-    return RecipePlan(recipe, recipe_path, source, steps, dest_root / name / f"v{source.version}")
+        )
+    )
+    return RecipePlan(recipe, recipe_path, source, steps, bundle_dest)

@@ -28,6 +28,7 @@ class Strict(BaseModel):
 class Source(Strict):
     uri: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; overrides MLFLOW_TRACKING_URI")
+    signature: str = Field("serving_default", description="TensorFlow SavedModels: the signature to convert and call")
 
     @field_validator("uri")
     @classmethod
@@ -125,6 +126,79 @@ class Gates(Strict):
     latency: LatencyGates = Field(default_factory=LatencyGates)
 
 
+class TritonTarget(Strict):
+    """ONNX Runtime inside Triton Inference Server: a model repository with config.pbtxt."""
+
+    max_batch_size: int = Field(32, ge=0, description="0 turns batching off; > 0 needs a dynamic first axis")
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="Each <= max_batch_size; default: none (Triton forms the largest batches)"
+    )
+    max_queue_delay_us: int | None = Field(
+        None, ge=0, description="Default: gates.latency.max_p95_ms minus the measured p95 of the largest batch"
+    )
+    instance_count: int = Field(1, ge=1)
+    instance_kind: Literal["cpu", "gpu"] = Field("cpu", description="instance_group kind (KIND_CPU / KIND_GPU)")
+    accelerator: Literal["tensorrt", "openvino"] | None = Field(
+        None, description="optimization.execution_accelerators: tensorrt (gpu instances) or openvino (cpu)"
+    )
+    precision_mode: Literal["FP32", "FP16", "INT8"] = Field("FP32", description="TensorRT precision_mode")
+    outputs: list[str] | None = Field(None, description="Outputs to serve; default: every output of the ONNX graph")
+    warmup: bool = Field(True, description="model_warmup from the validation samples")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TritonTarget":
+        too_big = [b for b in self.preferred_batch_sizes if b > self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes: {too_big[0]} is above max_batch_size ({self.max_batch_size})")
+        if self.accelerator == "tensorrt" and self.instance_kind != "gpu":
+            raise ValueError("accelerator tensorrt runs on GPU instances: set instance_kind: gpu")
+        if self.accelerator == "openvino" and self.instance_kind != "cpu":
+            raise ValueError("accelerator openvino runs on CPU instances: set instance_kind: cpu")
+        return self
+
+
+class TorchServeTarget(Strict):
+    """ONNX Runtime inside TorchServe: a .mar with an onnxruntime handler, model-config.yaml, config.properties."""
+
+    min_workers: int = Field(1, ge=1)
+    max_workers: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_batch_delay_ms: int = Field(5, ge=0)
+    response_timeout_s: int = Field(120, ge=1)
+    outputs: list[str] | None = Field(None, description="Outputs to return; default: every output of the ONNX graph")
+    address: str = Field("127.0.0.1", description="Interface TorchServe binds; 127.0.0.1 unless you mean it")
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+
+    @model_validator(mode="after")
+    def _workers(self) -> "TorchServeTarget":
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})")
+        return self
+
+
+class TfServingTarget(Strict):
+    """The original TensorFlow SavedModel for TensorFlow Serving (TensorFlow/Keras sources only)."""
+
+    max_batch_size: int = Field(32, ge=1)
+    batch_timeout_micros: int | None = Field(None, ge=0, description="Default: from gates.latency.max_p95_ms")
+    allowed_batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="Default: powers of 2")
+    num_batch_threads: int | None = Field(None, ge=1, description="Default: the validation thread count")
+    max_enqueued_batches: int = Field(100, ge=1)
+    version_labels: dict[str, str] = Field(default_factory=lambda: {"stable": "latest"},
+                                           description="label -> version ('latest' = the published one)")
+
+
+class Serving(Strict):
+    targets: list[Literal["triton", "torchserve", "tf_serving"]] = Field(
+        default_factory=list, description="Serving configs to generate; the ORT session config is always written"
+    )
+    triton: TritonTarget = Field(default_factory=TritonTarget)
+    torchserve: TorchServeTarget = Field(default_factory=TorchServeTarget)
+    tf_serving: TfServingTarget = Field(default_factory=TfServingTarget)
+
+
 class Publish(Strict):
     dest: str | None = Field(None, description="Folder for bundles; default: <artifacts>/bundles")
 
@@ -138,6 +212,7 @@ class Recipe(Strict):
     optimize: Optimize = Field(default_factory=Optimize)
     validation: Validation = Field(default_factory=Validation)
     gates: Gates = Field(default_factory=Gates)
+    serving: Serving = Field(default_factory=Serving)
     publish: Publish = Field(default_factory=Publish)
 
     @model_validator(mode="after")

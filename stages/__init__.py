@@ -22,11 +22,15 @@ STAGES: dict[str, str] = {
     "optimize": "stages.optimize",
     "validate": "stages.validate",
     "gate": "stages.gate",
+    "serve": "stages.serve",
     "publish": "stages.publish",
 }
 
 
 def load_stage(name: str) -> ModuleType:
+    """A stage module by name; `serve.<target>` names the serve stage for one serving target."""
+    if name.startswith("serve."):
+        name = "serve"
     try:
         return importlib.import_module(STAGES[name])
     except KeyError:

@@ -33,19 +33,39 @@ def _other_sizes(sizes: dict[str, int]) -> dict[str, int]:
     return {name: (size // 2 if size > 1 else 2) for name, size in sizes.items()}
 
 
-def _name_dynamic_dims(model, spec: ModelSpec) -> list[str]:
-    """Give graph inputs the recipe's axis names; return output dims whose names no input axis explains."""
-    for tensor, node in zip(spec.inputs, model.graph.input):
+def _name_input_dims(model, spec: ModelSpec) -> None:
+    """Give the graph inputs the recipe's axis names (exporters say s0, unk__3, ...)."""
+    by_name = {node.name: node for node in model.graph.input}
+    for tensor in spec.inputs:
+        node = by_name.get(tensor.name)
+        if node is None:
+            raise ModelError(
+                f"export: the ONNX graph has no input '{tensor.name}' (inputs: {', '.join(by_name)})"
+            )
+        dims = node.type.tensor_type.shape.dim
+        if len(dims) != len(tensor.shape):
+            raise ModelError(f"export: ONNX input '{tensor.name}' has rank {len(dims)}, the spec says {len(tensor.shape)}")
         for axis, name in tensor.dynamic_axes().items():
-            dim = node.type.tensor_type.shape.dim[axis]
-            dim.dim_param = name
-    known = {n for t in spec.inputs for n in t.dynamic_axes().values()}
-    unexplained = []
-    for node in model.graph.output:
+            dims[axis].dim_param = name
+
+
+def _name_output_dims(model, observed: list[tuple[dict[str, int], list[tuple[int, ...]]]]) -> dict[str, str]:
+    """Name each symbolic output dim after the input axis whose size it followed at every size tried
+    (measured, so it works whatever the exporter called it); dims that follow none get '<output>_dim<i>'."""
+    renamed = {}
+    for index, node in enumerate(model.graph.output):
         for axis, dim in enumerate(node.type.tensor_type.shape.dim):
-            if dim.HasField("dim_param") and dim.dim_param not in known:
-                unexplained.append(f"{node.name}[{axis}]={dim.dim_param}")
-    return unexplained
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue
+            followed = [
+                name for name in observed[0][0]
+                if all(shapes[index][axis] == sizes[name] for sizes, shapes in observed)
+            ]
+            new = followed[0] if followed else f"{node.name}_dim{axis}"
+            if dim.dim_param != new:
+                renamed[f"{node.name}[{axis}]"] = f"{dim.dim_param or '?'} -> {new}"
+            dim.dim_param = new
+    return renamed
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
@@ -53,11 +73,11 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
 
     from stages import onnx_runtime
 
-    flavor = _flavor(inputs)
-    framework = frameworks.framework(flavor or "unknown")
+    source = json.loads((inputs["model"] / "source.json").read_text())
+    flavor = source["flavor"]
+    framework, model = frameworks.load_source(source, inputs["model"] / "model", config["source_options"])
     spec = ModelSpec.load(inputs["data"] / "spec.json")
     feeds = load_arrays(inputs["data"] / "inputs.npz")
-    model = framework.load(inputs["model"] / "model")
     reference = framework.predict(model, spec, feeds)
     output_names = spec.outputs or [f"output_{i}" for i in range(len(reference))]
     if len(output_names) != len(reference):
@@ -73,13 +93,13 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"export: onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
-    unexplained = _name_dynamic_dims(graph, spec)
+    _name_input_dims(graph, spec)
     onnx.save(graph, str(path))
 
     # Prove the dynamic axes: the graph must run, and give outputs of the right size, at two sizes of each.
     sess = onnx_runtime.session(path)
     first = axis_sizes(spec, feeds)
-    checked = []
+    checked, observed = [], []
     for sizes in (first, _other_sizes(first)):
         trial = resize_axes(spec, feeds, sizes)
         try:
@@ -97,6 +117,9 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                     f"the original model gives {list(b.shape)}"
                 )
         checked.append({"sizes": sizes, "max_abs_error": float(max(np.max(np.abs(a - b)) for a, b in zip(got, expected)))})
+        observed.append((sizes, [a.shape for a in got]))
+    renamed = _name_output_dims(graph, observed)
+    onnx.save(graph, str(path))
 
     ops = Counter(node.op_type for node in graph.graph.node)
     return {
@@ -107,5 +130,5 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "bytes": path.stat().st_size,
         "outputs": output_names,
         "dynamic_axes_checked": checked,
-        "unexplained_output_dims": unexplained,
+        "renamed_output_dims": renamed,
     }

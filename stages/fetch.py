@@ -94,7 +94,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "run_id": source.get("run_id"),
         "flavor": flavor,
         "flavors": sorted(flavors),
-        "framework_version": flavors[flavor].get(f"{flavor}_version"),
+        "framework_version": flavors[flavor].get(f"{flavor}_version") or flavors[flavor].get("keras_version"),
         "mlflow_version": mlmodel.get("mlflow_version"),
         "signature": {"inputs": _tensor_specs(signature.get("inputs")), "outputs": _tensor_specs(signature.get("outputs"))},
         "input_example": example.get("artifact_path"),

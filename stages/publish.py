@@ -56,7 +56,16 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         save_arrays(out / "sample_outputs.npz", {k: v[:SAMPLES] for k, v in candidate.items()})
     (out / "session_config.json").write_text(json.dumps(_session_config(spec, metrics, list(candidate)), indent=2))
 
-    order = ["model", "data", "export", "onnx", "metrics", "verdicts"]
+    serving = {}
+    for name in sorted(n for n in inputs if n.startswith("serving.")):
+        target = name.split(".", 1)[1]
+        summary = upstream[name].get("summary") or {}
+        serving[target] = summary
+        if not summary.get("skipped"):
+            shutil.copytree(inputs[name], out / "serving" / target)
+    (out / "README.md").write_text(_readme(config["recipe"]["name"], source, spec, serving))
+
+    order = ["model", "data", "export", "onnx", "metrics", "verdicts", *(f"serving.{t}" for t in serving)]
     steps = [upstream[name] for name in order if name in upstream]
     tools_used: dict[str, str | None] = {}
     for step in steps:
@@ -78,6 +87,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         ],
         "tools": dict(sorted(tools_used.items())),
         "environment": environment(),
+        "serving": {t: {k: v for k, v in summary.items() if k != "readme"} for t, summary in serving.items()},
         "metrics": metrics,
         "gates": verdicts,
     }
@@ -85,6 +95,39 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     (out / "report.md").write_text(render_report(manifest))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
     return {"files": len(manifest["files"]) + 2, "passed": verdicts["passed"]}
+
+
+def _readme(name: str, source: dict, spec: ModelSpec, serving: dict[str, dict]) -> str:
+    lines = [
+        f"# {name}: {source['uri']} as ONNX",
+        "",
+        "- `model.onnx`: the optimized model that passed the gates in `report.md`.",
+        "- `session_config.json`: the ONNX Runtime session settings it was validated with.",
+        "- `sample_inputs.npz` / `sample_outputs.npz`: sample requests and the outputs to expect.",
+        "- `manifest.json`: lineage, file hashes, tool versions, metrics and gate verdicts.",
+        "",
+        "Inputs: " + ", ".join(f"`{t.name}` {t.dtype} {t.shape}" for t in spec.inputs),
+        "",
+        "## ONNX Runtime, embedded",
+        "",
+        "```python",
+        "import json, numpy as np, onnxruntime as ort",
+        "cfg = json.load(open('session_config.json'))",
+        "opts = ort.SessionOptions()",
+        "opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg['session_options']['graph_optimization_level'])",
+        "opts.intra_op_num_threads = cfg['session_options']['intra_op_num_threads']",
+        "sess = ort.InferenceSession(cfg['model'], opts, providers=cfg['providers'])",
+        "feeds = dict(np.load('sample_inputs.npz'))",
+        "print(sess.run(None, feeds))  # compare with np.load('sample_outputs.npz')",
+        "```",
+        "",
+    ]
+    for target, summary in serving.items():
+        if summary.get("skipped"):
+            lines += [f"## {target}", "", f"Not generated: {summary['skipped']}", ""]
+        else:
+            lines += [summary.get("readme", f"## {target}\n\nSee `serving/{target}/`."), ""]
+    return "\n".join(lines)
 
 
 def _jsonable(value):

@@ -44,15 +44,15 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
 
     settings = config["latency"]
     threads = settings["threads"] or os.cpu_count() or 1
-    flavor = _flavor(inputs)
-    framework = frameworks.framework(flavor or "unknown")
-    framework.set_threads(threads)
+    source = json.loads((inputs["model"] / "source.json").read_text())
+    flavor = source["flavor"]
+    frameworks.framework(flavor).set_threads(threads)  # before loading: TensorFlow fixes its pools at start
+    framework, model = frameworks.load_source(source, inputs["model"] / "model", config["source_options"])
     spec = ModelSpec.load(inputs["data"] / "spec.json")
     feeds = load_arrays(inputs["data"] / "inputs.npz")
     labels_file = inputs["data"] / "labels.npz"
     labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
 
-    model = framework.load(inputs["model"] / "model")
     sess = onnx_runtime.session(inputs["onnx"] / "model.onnx", threads=threads)
     names = [o.name for o in sess.get_outputs()]
 

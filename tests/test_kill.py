@@ -50,5 +50,5 @@ def test_sigkill_at_random_moments(registry, tmp_path):
         _bundles_whole(artifacts)
     result = kiln("run", str(RECIPES), "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 0, result.stderr
-    assert _bundles_whole(artifacts) == 2
+    assert _bundles_whole(artifacts) == 3
     assert not any((artifacts / "store" / "tmp").iterdir())  # stale build folders were cleaned

@@ -1,7 +1,7 @@
 """Source frameworks. Each module knows how to load an MLflow model of its flavor, run it on numpy feeds, and
 export it to ONNX:
 
-    load(model_dir: Path) -> model
+    load(model_dir: Path, options: dict) -> model           options: {'signature': ...} from the recipe's source
     predict(model, spec: ModelSpec, feeds: dict[str, ndarray]) -> list[ndarray]   (outputs in export order)
     export_onnx(model, spec, feeds, output_names, exporter, opset, path) -> dict (what was done)
     set_threads(n), TOOLS: list of distributions whose versions key the steps that use it
@@ -12,12 +12,14 @@ A new source framework is a module plus an entry here.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 from pipeline.errors import ModelError
 
 FRAMEWORKS: dict[str, str] = {
     "pytorch": "stages.frameworks.pytorch",
+    "tensorflow": "stages.frameworks.tensorflow",
 }
 
 
@@ -34,3 +36,12 @@ def tools(flavor: str | None) -> list[str]:
     if flavor is None or flavor not in FRAMEWORKS:
         return []
     return list(importlib.import_module(FRAMEWORKS[flavor]).TOOLS)
+
+
+def load_source(source: dict, model_dir: Path, options: dict):
+    """Load the original model described by fetch's source.json; load errors name the model URI."""
+    module = framework(source.get("flavor") or "unknown")
+    try:
+        return module, module.load(model_dir, options)
+    except ModelError as exc:
+        raise ModelError(f"{source['uri']}: {exc}") from None

@@ -24,7 +24,7 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def load(model_dir: Path):
+def load(model_dir: Path, options: dict | None = None):
     import mlflow.pytorch
 
     try:

@@ -1,0 +1,54 @@
+"""Serving targets. Each module defines
+
+    tools(config, inputs) -> list[str]          distributions whose versions key the step
+    skip_reason(ctx) -> str | None              why this target does not apply to this model, or None
+    build(ctx, config, out) -> dict             write the target's files under `out` (the bundle's
+                                                serving/<target>/ folder); return a summary with a "readme"
+                                                markdown section telling the serving team how to run it
+
+A new serving target is a module plus an entry here (and its config model in pipeline/recipe.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from stages.tensors import ModelSpec
+
+TARGETS: dict[str, str] = {
+    "triton": "stages.targets.triton",
+    "torchserve": "stages.targets.torchserve",
+    "tf_serving": "stages.targets.tf_serving",
+}
+
+
+@dataclass(frozen=True)
+class TargetContext:
+    name: str  # the model's name on the server (the recipe name)
+    source: dict  # source.json from fetch: flavor, uri, version, signature
+    model_dir: Path  # the MLflow model as downloaded
+    onnx: Path  # the optimized, validated ONNX model
+    spec: ModelSpec
+    samples: dict[str, np.ndarray]  # a few validation inputs
+    expected: dict[str, np.ndarray]  # ONNX Runtime's outputs for them (validated against the original)
+    reference: dict[str, np.ndarray]  # the original framework's outputs for them
+    metrics: dict  # validate's metrics.json: threads, latency per batch size
+    latency_gates: dict
+    source_options: dict  # how the original model is called, e.g. {"signature": "serving_default"}
+    bundle_dest: Path  # where the bundle will be delivered (absolute)
+
+    @property
+    def version(self) -> str:
+        return str(self.source["version"])
+
+
+def target(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(TARGETS[name])
+    except KeyError:
+        raise KeyError(f"no serving target {name!r}; known: {', '.join(TARGETS)}") from None
