@@ -12,7 +12,7 @@ TRITON_VENV := .venv-triton
 TRITON_PKGS := nvidia-pytriton==0.7.0 numpy==1.26.4 protobuf==6.33.6 onnxruntime==1.32.0
 TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell echo '$(TRITON_PKGS)' | sha256sum | cut -c1-16)
 
-.PHONY: demo test install clean-artifacts serving-env java
+.PHONY: demo test install clean-artifacts serving-env java browser
 
 install: $(STAMP)
 
@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kiln run recipes/
 
 ## make test: the whole suite, slow integration tests (real mlflow server, real models) included.
-test: $(STAMP) serving-env
+test: $(STAMP) serving-env browser
 	$(PY) -m pytest
 
 ## What the serving tests start besides .venv: a JDK for TorchServe, and Triton's server in its own venv.
@@ -45,6 +45,12 @@ java:
 	@command -v java >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -q && apt-get install -y -q openjdk-17-jre-headless; } \
 	  || echo "warning: no java and cannot install it; the TorchServe integration tests will be skipped"
+
+# The HTML report test renders report.html in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -q && apt-get install -y -q chromium; } \
+	  || echo "warning: no chromium and cannot install it; the HTML report test will be skipped"
 
 $(TRITON_STAMP):
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)

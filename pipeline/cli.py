@@ -188,6 +188,26 @@ def schema() -> None:
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--html", "as_html", is_flag=True, help="Print the path of report.html instead of report.md")
+@click.option("--open", "open_it", is_flag=True, help="Open report.html in the default browser")
+@_guard
+def report(bundle: Path, as_html: bool, open_it: bool) -> None:
+    """Print (or open) the report of a published BUNDLE."""
+    md, page = bundle / "report.md", bundle / "report.html"
+    if not md.is_file():
+        raise BadInput(f"{bundle}: no report.md here; is this a kiln bundle (artifacts/bundles/<recipe>/v<N>)?")
+    if open_it:
+        import webbrowser
+
+        webbrowser.open(page.resolve().as_uri())
+    if as_html or open_it:
+        click.echo(str(page.resolve()))
+    else:
+        click.echo(md.read_text())
+
+
 @main.command("verify-store")
 @with_common
 @_guard

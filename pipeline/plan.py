@@ -30,6 +30,7 @@ class Step:
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> upstream step id
     files: dict[str, str] = field(default_factory=dict)  # name -> external file whose content is keyed
     context: dict[str, Any] = field(default_factory=dict)  # not keyed: where things live
+    after: list[str] = field(default_factory=list)  # steps that must finish first, whose outputs it does not read
 
     @property
     def id(self) -> str:
@@ -78,6 +79,21 @@ def recipe_digest(recipe: Recipe) -> str:
     return sha256_json(recipe.model_dump(mode="json"))
 
 
+def _baseline(recipe: Recipe, dest_root: Path, version: str) -> tuple[dict, dict]:
+    """The previous published version's manifest, for the latency regression gate: (files, context)."""
+    if recipe.gates.latency.max_regression is None:
+        return {}, {}
+    older = []
+    for manifest in (dest_root / recipe.name).glob("v*/manifest.json"):
+        number = manifest.parent.name[1:]
+        if number.isdigit() and version.isdigit() and int(number) < int(version):
+            older.append((int(number), manifest))
+    if not older:
+        return {}, {}
+    _, latest = max(older)
+    return {"baseline": str(latest)}, {"baseline": str(latest)}
+
+
 def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: Settings) -> RecipePlan:
     name = recipe.name
     registry = {"tracking_uri": source.tracking_uri}
@@ -86,6 +102,7 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
         "outputs": recipe.outputs,
     }
 
+    dest_root = _resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
     source_options = {"signature": recipe.source.signature}  # how the original model is called
     data_config = recipe.validation.data.model_dump(mode="json")
     data_files: dict[str, str] = {}
@@ -113,12 +130,18 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
         Step(
             name,
             "validate",
-            {"latency": recipe.validation.latency.model_dump(mode="json"), "source_options": source_options},
-            {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:optimize"},
+            {
+                "latency": recipe.validation.latency.model_dump(mode="json"),
+                "shape_sweep": recipe.validation.shape_sweep,
+                "localize": recipe.validation.localize.model_dump(mode="json"),
+                "source_options": source_options,
+            },
+            {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:optimize",
+             "exported": f"{name}:export"},
         ),
-        Step(name, "gate", {"gates": recipe.gates.model_dump(mode="json")}, {"metrics": f"{name}:validate"}),
+        Step(name, "gate", {"gates": recipe.gates.model_dump(mode="json")}, {"metrics": f"{name}:validate"},
+             *_baseline(recipe, dest_root, source.version)),
     ]
-    dest_root = _resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
     bundle_dest = dest_root / name / f"v{source.version}"
     built = {
         "model": f"{name}:fetch",
@@ -129,8 +152,9 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
     }
     serving = {}
     for target in recipe.serving.targets:
-        # After the gate: no serving config is built for a model that failed it. The bundle's final path is
-        # keyed because some servers want absolute paths in their configs.
+        # After the gate (no serving config for a model that failed it) but not keyed on its verdicts, so a
+        # changed threshold does not rebuild archives. The bundle's final path is keyed: some servers want
+        # absolute paths in their configs.
         step = Step(
             name,
             f"serve.{target}",
@@ -142,7 +166,8 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
                 "source_options": source_options,
                 "bundle_dest": str(bundle_dest),
             },
-            built,
+            {k: v for k, v in built.items() if k != "verdicts"},
+            after=[f"{name}:gate"],
         )
         steps.append(step)
         serving[f"serving.{target}"] = step.id

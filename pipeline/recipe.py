@@ -96,11 +96,24 @@ class Latency(Strict):
     warmup: int = Field(10, ge=1)
     iterations: int = Field(100, ge=100, description="Timed runs per batch size and runtime (>= 100)")
     threads: int | None = Field(None, ge=1, description="Intra-op threads for both runtimes; default: all cores")
+    target_ci: float | None = Field(
+        0.05, gt=0, description="Keep measuring until each p50's 95 % CI half-width is within this fraction of it"
+    )
+    max_iterations: int = Field(2000, ge=100, description="Cap on timed runs per runtime and batch size")
+    time_budget_s: float = Field(10.0, gt=0, description="Cap on extra measuring time per batch size")
+
+
+class Localize(Strict):
+    enabled: bool = Field(True, description="Compare the original's layers with the exported graph's tensors")
+    samples: int = Field(4, ge=1, description="How many samples (those with the largest output error)")
+    tolerance: float = Field(1e-3, gt=0, description="Relative error (max |err| / max |ref|) that counts as divergent")
 
 
 class Validation(Strict):
     data: Data = Field(default_factory=Data)
     latency: Latency = Field(default_factory=Latency)
+    shape_sweep: bool = Field(True, description="Also compare at size 1 and half size of every dynamic axis")
+    localize: Localize = Field(default_factory=Localize)
 
 
 class OutputGate(Strict):
@@ -119,6 +132,10 @@ class ParityGates(Strict):
 class LatencyGates(Strict):
     max_p95_ms: float | dict[int, float] | None = Field(None, description="ONNX Runtime p95, all or per batch size")
     min_speedup: float | dict[int, float] | None = Field(None, description="Original p50 / ONNX Runtime p50")
+    max_regression: float | None = Field(
+        None, ge=0, description="Fail when ONNX Runtime p50 is slower than the previous published version's by more "
+        "than this fraction (0.2 = 20 %); this machine drifts 15-20 % between runs"
+    )
 
 
 class Gates(Strict):
@@ -134,7 +151,7 @@ class TritonTarget(Strict):
         default_factory=list, description="Each <= max_batch_size; default: none (Triton forms the largest batches)"
     )
     max_queue_delay_us: int | None = Field(
-        None, ge=0, description="Default: gates.latency.max_p95_ms minus the measured p95 of the largest batch"
+        None, ge=0, description="Default: gates.latency.max_p95_ms minus twice the measured p95 of the largest batch"
     )
     instance_count: int = Field(1, ge=1)
     instance_kind: Literal["cpu", "gpu"] = Field("cpu", description="instance_group kind (KIND_CPU / KIND_GPU)")

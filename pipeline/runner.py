@@ -108,7 +108,7 @@ class Runner:
         for plan in plans:
             for step in plan.steps:
                 outcome = StepOutcome(step.id, step.stage)
-                if all(i in entries for i in step.inputs.values()):
+                if all(i in entries for i in [*step.inputs.values(), *step.after]):
                     outcome.key = step_key(step, {n: entries[i] for n, i in step.inputs.items()})
                     entry = self.store.lookup(outcome.key)
                     if entry is not None:
@@ -161,8 +161,10 @@ class Runner:
             while pending or running:
                 progressed = False
                 for sid in list(pending):
+                    if sid not in pending:  # a failed verdict just stopped its recipe
+                        continue
                     step = steps[sid]
-                    if not all(i in entries for i in step.inputs.values()):
+                    if not all(i in entries for i in [*step.inputs.values(), *step.after]):
                         continue
                     if len(running) >= self.executor.capacity:
                         break

@@ -14,7 +14,7 @@ from pipeline.versions import onnxruntime_distribution
 from stages import frameworks
 from stages.tensors import ModelSpec, axis_sizes, load_arrays, resize_axes
 
-VERSION = 1
+VERSION = 2
 
 
 def _flavor(inputs: dict[str, Path]) -> str | None:

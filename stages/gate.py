@@ -9,7 +9,7 @@ from pathlib import Path
 from stages import parity
 from stages.tensors import load_arrays
 
-VERSION = 1
+VERSION = 2
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
@@ -34,7 +34,21 @@ def _output_gate(gates: dict, name: str) -> dict:
     return merged
 
 
-def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict) -> list[dict]:
+def _where(metrics: dict) -> str:
+    """Where the error starts, from validate's layer-by-layer comparison, as a clause for a failure message."""
+    loc = metrics.get("localization") or {}
+    if not loc.get("available"):
+        return ""
+    first = loc.get("first_divergent")
+    if first:
+        return (f"; first divergent layer: {first['layer']} ({first['type']}, relative error "
+                f"{first['relative_error']:.3g} at ONNX node {first['onnx_node']})")
+    return (f"; the exported graph matches the original layer by layer ({loc['layers_matched']} layers), "
+            "so the error comes from a later stage")
+
+
+def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict, sweep: dict | None = None,
+             baseline: dict | None = None) -> list[dict]:
     found = []
 
     def add(gate: str, subject: str, passed: bool, value, threshold, message: str) -> None:
@@ -56,18 +70,28 @@ def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict) -> li
                 f"{label}: ONNX shape {measured['candidate_shape']} != original {measured['shape']}")
             continue
         bad = measured["nan"] + measured["inf"]
-        add("finite", name, bad == 0 or measured["reference_nan"] > 0, bad, 0,
-            f"{label}: {measured['nan']} NaN and {measured['inf']} Inf values in the ONNX output")
+        # Any NaN fails, even where the original produces one too: a serving team cannot ship it either way.
+        add("finite", name, bad == 0, bad, 0,
+            f"{label}: {measured['nan']} NaN and {measured['inf']} Inf values in the ONNX output "
+            f"({measured['reference_nan']} NaN in the original's)")
         if gate.get("atol") is not None or gate.get("rtol") is not None:
             atol, rtol = gate.get("atol") or 0.0, gate.get("rtol") or 0.0
-            worst = parity.tolerance_violation(reference[name], candidate[name], atol, rtol)
-            add("atol_rtol", name, worst["passed"], worst["worst_abs_error"], {"atol": atol, "rtol": rtol},
-                f"{label}: |onnx - original| = {_fmt(worst['worst_abs_error'])} at index {tuple(worst['worst_index'])} "
-                f"exceeds atol {_fmt(atol)} + rtol {_fmt(rtol)} x |original| = {_fmt(worst['worst_allowed'])} "
-                f"({worst['violations']} of {worst['elements']} elements out of tolerance)")
+            trials = [("", reference[name], candidate[name])]
+            for index, trial in enumerate(metrics.get("shape_sweep") or []):
+                if sweep and f"{index}/reference/{name}" in sweep:
+                    trials.append((f" at axis sizes {trial['sizes']}", sweep[f"{index}/reference/{name}"],
+                                   sweep[f"{index}/candidate/{name}"]))
+            for where, ref, cand in trials:
+                worst = parity.tolerance_violation(ref, cand, atol, rtol)
+                add("atol_rtol", name + where, worst["passed"], worst["worst_abs_error"], {"atol": atol, "rtol": rtol},
+                    f"{label}{where}: |onnx - original| = {_fmt(worst['worst_abs_error'])} at index "
+                    f"{tuple(worst['worst_index'])} exceeds atol {_fmt(atol)} + rtol {_fmt(rtol)} x |original| = "
+                    f"{_fmt(worst['worst_allowed'])} ({worst['violations']} of {worst['elements']} elements out of "
+                    f"tolerance){_where(metrics)}")
         if gate.get("min_cosine") is not None:
             add("min_cosine", name, measured["cosine"] >= gate["min_cosine"], measured["cosine"], gate["min_cosine"],
-                f"{label}: cosine similarity {measured['cosine']:.6f} is below min_cosine {gate['min_cosine']}")
+                f"{label}: cosine similarity {measured['cosine']:.6f} is below min_cosine {gate['min_cosine']}"
+                f"{_where(metrics)}")
         if gate.get("min_top1") is not None:
             agreement = measured.get("top1_agreement")
             if agreement is None:
@@ -95,6 +119,15 @@ def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict) -> li
             speedup = timing["speedup_p50"]
             add("min_speedup", f"batch {batch}", speedup >= minimum, speedup, minimum,
                 f"batch {batch}: speedup {speedup:.2f}x over the original is below min_speedup {minimum}x")
+        limit = gates["latency"].get("max_regression")
+        if limit is not None and baseline:
+            before = baseline.get("metrics", {}).get("latency", {}).get(batch)
+            if before:
+                ratio = timing["onnxruntime"]["p50_ms"] / before["onnxruntime"]["p50_ms"]
+                version = baseline.get("source", {}).get("version")
+                add("max_regression", f"batch {batch}", ratio <= 1 + limit, ratio, 1 + limit,
+                    f"batch {batch}: ONNX Runtime p50 {timing['onnxruntime']['p50_ms']:.3f} ms is {ratio:.2f}x "
+                    f"version {version}'s {before['onnxruntime']['p50_ms']:.3f} ms, beyond max_regression {limit}")
     return found
 
 
@@ -102,7 +135,10 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     metrics = json.loads((inputs["metrics"] / "metrics.json").read_text())
     reference = load_arrays(inputs["metrics"] / "reference.npz")
     candidate = load_arrays(inputs["metrics"] / "candidate.npz")
-    found = verdicts(config["gates"], metrics, reference, candidate)
+    sweep_file = inputs["metrics"] / "sweep.npz"
+    sweep = load_arrays(sweep_file) if sweep_file.exists() else {}
+    baseline = json.loads(Path(context["baseline"]).read_text()) if context.get("baseline") else None
+    found = verdicts(config["gates"], metrics, reference, candidate, sweep, baseline)
     failed = [v for v in found if not v["passed"]]
     result = {"passed": not failed, "verdicts": found}
     (out / "verdicts.json").write_text(json.dumps(result, indent=2))

@@ -39,7 +39,27 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     if reference.ndim >= 2 and reference.shape[-1] > 1:
         agree = np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)
         result["top1_agreement"] = float(agree.mean())
+        k = min(TOP_K, reference.shape[-1] - 1)
+        result["topk"] = k
+        result["topk_agreement"] = topk_agreement(reference, candidate, k)
     return result
+
+
+TOP_K = 5
+
+
+def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int) -> float:
+    """Mean overlap of the k largest classes per row (order-insensitive): 1.0 = same top-k sets everywhere."""
+    ref = np.argsort(-reference.reshape(-1, reference.shape[-1]), axis=-1)[:, :k]
+    cand = np.argsort(-candidate.reshape(-1, candidate.shape[-1]), axis=-1)[:, :k]
+    overlap = [len(set(a) & set(b)) / k for a, b in zip(ref, cand)]
+    return float(np.mean(overlap))
+
+
+def per_sample_error(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Max absolute error of each sample (first axis), NaN counted as infinite."""
+    diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64)).reshape(reference.shape[0], -1)
+    return np.where(np.isnan(diff), np.inf, diff).max(axis=1)
 
 
 def tolerance_violation(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> dict:
@@ -61,3 +81,14 @@ def tolerance_violation(reference: np.ndarray, candidate: np.ndarray, atol: floa
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.argmax(logits, axis=-1) == labels.reshape(-1)).mean())
+
+
+def macro_f1(logits: np.ndarray, labels: np.ndarray) -> float:
+    predicted, truth = np.argmax(logits, axis=-1).reshape(-1), labels.reshape(-1)
+    scores = []
+    for cls in np.unique(np.concatenate([predicted, truth])):
+        tp = int(((predicted == cls) & (truth == cls)).sum())
+        fp = int(((predicted == cls) & (truth != cls)).sum())
+        fn = int(((predicted != cls) & (truth == cls)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    return float(np.mean(scores))

@@ -13,11 +13,12 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.hashing import file_table
-from pipeline.report import render_report
+from pipeline import plots
+from pipeline.report import render_html, render_report
 from pipeline.versions import environment
 from stages.tensors import ModelSpec, load_arrays, save_arrays
 
-VERSION = 1
+VERSION = 2
 SAMPLES = 4  # sample requests shipped with the bundle
 
 
@@ -91,10 +92,24 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "metrics": metrics,
         "gates": verdicts,
     }
-    manifest["files"] = file_table(out)  # every file but manifest.json and report.md, which describe them
-    (out / "report.md").write_text(render_report(manifest))
+    images = _plots(metrics, source, load_arrays(inputs["metrics"] / "reference.npz"), candidate)
+    (out / "plots").mkdir(exist_ok=True)
+    for name, png in images.items():
+        (out / "plots" / f"{name}.png").write_bytes(png)
+    manifest["files"] = file_table(out)  # every file but the manifest and the reports, which describe them
+    (out / "report.md").write_text(render_report(manifest, {name: f"plots/{name}.png" for name in images}))
+    (out / "report.html").write_text(render_html(manifest, images))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
-    return {"files": len(manifest["files"]) + 2, "passed": verdicts["passed"]}
+    return {"files": len(manifest["files"]) + 3, "passed": verdicts["passed"]}
+
+
+def _plots(metrics: dict, source: dict, reference: dict, candidate: dict) -> dict[str, bytes]:
+    images = {"latency": plots.latency(metrics, metrics.get("framework") or source["flavor"]),
+              "layers": plots.layer_errors(metrics.get("localization"))}
+    for name in candidate:
+        if name in reference and reference[name].shape == candidate[name].shape:
+            images[f"errors-{name}"] = plots.error_histogram(name, reference[name], candidate[name])
+    return {name: png for name, png in images.items() if png}
 
 
 def _readme(name: str, source: dict, spec: ModelSpec, serving: dict[str, dict]) -> str:
@@ -105,6 +120,7 @@ def _readme(name: str, source: dict, spec: ModelSpec, serving: dict[str, dict]) 
         "- `session_config.json`: the ONNX Runtime session settings it was validated with.",
         "- `sample_inputs.npz` / `sample_outputs.npz`: sample requests and the outputs to expect.",
         "- `manifest.json`: lineage, file hashes, tool versions, metrics and gate verdicts.",
+        "- `report.html` (self-contained) / `report.md` + `plots/`: parity, latency, per-layer comparison, gates.",
         "",
         "Inputs: " + ", ".join(f"`{t.name}` {t.dtype} {t.shape}" for t in spec.inputs),
         "",

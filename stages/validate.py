@@ -1,28 +1,30 @@
 """validate: run the ORIGINAL framework model and the ONNX candidate on the same inputs in one process, and
-measure parity per output (errors, cosine, top-1 agreement, NaN/Inf, task accuracy when labels exist) and
-latency of both at each batch size. It measures only; the gate stage judges, so changing a threshold does not
-re-measure."""
+measure: parity per output (errors, cosine, top-1/top-k agreement, NaN/Inf; accuracy and F1 when labels exist),
+parity again at other sizes of every dynamic axis, the layer-by-layer comparison against the exported graph on
+the worst samples, and latency of both at each batch size. It measures only; the gate stage judges, so changing
+a threshold does not re-measure."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
-from stages import frameworks, latency, parity
+from stages import frameworks, latency, localize, parity
 from stages.export import _flavor
-from stages.tensors import ModelSpec, batch_of, load_arrays, save_arrays
+from stages.tensors import ModelSpec, axis_sizes, batch_of, load_arrays, resize_axes, save_arrays
 
-VERSION = 1
+VERSION = 3
 CHUNK = 64  # samples per call when computing parity outputs
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
-    return ["numpy", onnxruntime_distribution(), *frameworks.tools(_flavor(inputs))]
+    return ["numpy", "onnx", onnxruntime_distribution(), *frameworks.tools(_flavor(inputs))]
 
 
 def _chunks(spec: ModelSpec, feeds: dict[str, np.ndarray]):
@@ -37,6 +39,40 @@ def _chunks(spec: ModelSpec, feeds: dict[str, np.ndarray]):
 def _outputs(run, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     parts = [run(chunk) for chunk in _chunks(spec, feeds)]
     return [np.concatenate(pieces, axis=0) if len(parts) > 1 else pieces[0] for pieces in zip(*parts)]
+
+
+def _sweep_sizes(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[dict[str, int]]:
+    """Size 1 and half size of every dynamic axis (the full size is the main comparison)."""
+    full = axis_sizes(spec, feeds)
+    tried = []
+    for sizes in ({n: 1 for n in full}, {n: max(1, s // 2) for n, s in full.items()}):
+        if sizes != full and sizes not in tried:
+            tried.append(sizes)
+    return tried
+
+
+def _localization_rows(spec: ModelSpec, reference: np.ndarray, candidate: np.ndarray, count: int) -> np.ndarray:
+    """The samples where the outputs differ most, led by the first sample of the chunk they were validated in:
+    a model whose behaviour depends on its batch (e.g. control flow on the first row) then takes the same path."""
+    error = parity.per_sample_error(reference, candidate)
+    start = int(np.argmax(error)) // CHUNK * CHUNK
+    chunk = np.arange(start, min(start + CHUNK, error.size))
+    ranked = [int(r) for r in chunk[np.argsort(-error[chunk], kind="stable")] if r != start]
+    return np.array([start, *sorted(ranked[: count - 1])])
+
+
+def _machine() -> dict:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": flags or platform.processor(), "cores": os.cpu_count(), "machine": platform.machine(),
+            "system": platform.system()}
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
@@ -64,6 +100,17 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     save_arrays(out / "candidate.npz", dict(zip(names, candidate)))
     outputs = {name: parity.compare(r, c) for name, r, c in zip(names, reference, candidate)}
 
+    sweep, sweep_arrays = [], {}
+    if config["shape_sweep"]:
+        for index, sizes in enumerate(_sweep_sizes(spec, feeds)):
+            trial = resize_axes(spec, feeds, sizes)
+            ref = framework.predict(model, spec, trial)
+            cand = onnx_runtime.run(sess, trial)
+            sweep.append({"sizes": sizes, "outputs": {n: parity.compare(r, c) for n, r, c in zip(names, ref, cand)}})
+            sweep_arrays.update({f"{index}/reference/{n}": r for n, r in zip(names, ref)})
+            sweep_arrays.update({f"{index}/candidate/{n}": c for n, c in zip(names, cand)})
+    save_arrays(out / "sweep.npz", sweep_arrays)
+
     task = None
     if labels is not None:
         task = {
@@ -72,8 +119,17 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             "samples": int(labels.shape[0]),
             "reference": parity.accuracy(reference[0], labels),
             "candidate": parity.accuracy(candidate[0], labels),
+            "reference_f1": parity.macro_f1(reference[0], labels),
+            "candidate_f1": parity.macro_f1(candidate[0], labels),
         }
         task["drop"] = task["reference"] - task["candidate"]
+
+    localization = None
+    if config["localize"]["enabled"]:
+        subset = {k: v[_localization_rows(spec, reference[0], candidate[0], config["localize"]["samples"])]
+                  for k, v in feeds.items()} if spec.batch_axis_named else feeds
+        localization = localize.localize(framework, model, spec, subset, inputs["exported"] / "model.onnx",
+                                         config["localize"]["tolerance"])
 
     timings = {}
     for batch in settings["batch_sizes"]:
@@ -87,6 +143,9 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             batch=batch,
             warmup=settings["warmup"],
             iterations=settings["iterations"],
+            target_ci=settings["target_ci"],
+            max_iterations=settings["max_iterations"],
+            time_budget_s=settings["time_budget_s"],
         )
         measured["speedup_p50"] = measured["original"]["p50_ms"] / measured["onnxruntime"]["p50_ms"]
         timings[str(batch)] = measured
@@ -94,14 +153,19 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     metrics = {
         "framework": flavor,
         "threads": threads,
+        "machine": _machine(),
         "samples": int(next(iter(feeds.values())).shape[0]),
         "outputs": outputs,
+        "shape_sweep": sweep,
         "task": task,
+        "localization": localization,
         "latency": timings,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    first = (localization or {}).get("first_divergent")
     return {
         "parity": {n: {k: o.get(k) for k in ("max_abs_error", "cosine")} for n, o in outputs.items()},
         "accuracy": {k: task[k] for k in ("reference", "candidate")} if task else None,
+        "first_divergent_layer": first["layer"] if first else None,
         "speedup_p50": {b: round(t["speedup_p50"], 3) for b, t in timings.items()},
     }

@@ -67,6 +67,14 @@ def register_examples(tracking_uri: str, artifacts: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def run_fixture_script(script: str, registry: str) -> str:
+    """Register extra test models with a script from tests/fixtures; returns the registry URI."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / script), registry],
+                          cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return registry
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory) -> str:
     """A sqlite MLflow registry (kiln's embedded default kind) with the example models as @champion."""
@@ -82,6 +90,20 @@ def write_recipe(path: Path, source: Path, replace: dict[str, str]) -> Path:
         assert old in text, f"{old!r} not in {source}"
         text = text.replace(old, new)
     path.write_text(text)
+    return path
+
+
+def derive_recipe(path: Path, source: Path, changes: dict) -> Path:
+    """A copy of a recipe with `changes` deep-merged into it (mappings merge, everything else replaces)."""
+    import yaml
+
+    def merge(base: dict, extra: dict) -> dict:
+        out = dict(base)
+        for key, value in extra.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(source.read_text()), changes), sort_keys=False))
     return path
 
 

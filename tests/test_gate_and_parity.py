@@ -96,3 +96,32 @@ def test_latency_measure_interleaves_and_counts():
     assert timed[:20] == ["a"] * 20 and timed[20:40] == ["b"] * 20 and timed[40] == "a"
     assert result["a"]["p50_ms"] <= result["a"]["p95_ms"] <= result["a"]["p99_ms"]
     assert result["a"]["throughput_per_s"] > 0
+    assert len(result["a"]["samples_ms"]) == 100 and result["a"]["peak_rss_mb"] > 0
+
+
+def test_latency_iterations_adapt_to_noise():
+    """A noisy call needs more runs to pin its p50 down than a steady one; both stop at the cap."""
+    import random
+    import time
+
+    rng = random.Random(0)
+
+    def steady():
+        time.sleep(0.0002)
+
+    def noisy():
+        time.sleep(0.0002 * rng.choice([1, 1, 5, 10]))
+
+    result = latency.measure({"steady": steady}, 1, warmup=1, iterations=100, target_ci=0.05, max_iterations=2000,
+                             time_budget_s=20)
+    assert result["steady"]["ci_target_met"] and result["steady"]["iterations"] < 400
+    noisy_result = latency.measure({"noisy": noisy}, 1, warmup=1, iterations=100, target_ci=0.01,
+                                   max_iterations=600, time_budget_s=20)
+    assert noisy_result["noisy"]["iterations"] > result["steady"]["iterations"]
+    assert noisy_result["noisy"]["iterations"] <= 600
+
+
+def test_median_ci_covers_the_median():
+    values = np.arange(1, 101, dtype=float)
+    low, high = latency.median_ci(values)
+    assert low < 50.5 < high and high - low < 25

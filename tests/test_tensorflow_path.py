@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RECIPES, ROOT, base_env, kiln, run_json
+from conftest import RECIPES, base_env, derive_recipe, kiln, run_fixture_script, run_json
 
 pytestmark = pytest.mark.slow
 tf = pytest.importorskip("tensorflow", reason="the tf extra is part of make test; install it with make install")
@@ -20,10 +20,7 @@ tf = pytest.importorskip("tensorflow", reason="the tf extra is part of make test
 @pytest.fixture(scope="module")
 def tf_registry(registry):
     """The session registry plus the TF-only test models (two-input Keras, SavedModels with odd signatures)."""
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "tf_models.py"), registry],
-                          cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return registry
+    return run_fixture_script("tf_models.py", registry)
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +154,7 @@ def test_warmup_records_are_prediction_logs(keras_bundle):
 
 
 def test_pytorch_source_skips_tf_serving_with_a_reason(registry, tmp_path):
-    recipe = tmp_path / "cnn.yaml"
-    recipe.write_text((RECIPES / "digits-cnn.yaml").read_text() + "serving:\n  targets: [tf_serving]\n")
+    recipe = derive_recipe(tmp_path / "cnn.yaml", RECIPES / "digits-cnn.yaml", {"serving": {"targets": ["tf_serving"]}})
     result, summary = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr
     bundle = Path(summary["recipes"][0]["bundle"])

@@ -129,3 +129,30 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
             f"(try export.exporter: {'torchscript' if exporter == 'dynamo' else 'dynamo'})"
         ) from None
     return {"exporter": exporter, "opset": opset, "call": _call_style(model, spec)}
+
+
+def layer_outputs(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    """(qualified module name, module type, output) for every submodule, in the order they finished."""
+    import torch
+
+    records: list[tuple[str, str, np.ndarray]] = []
+    seen: set[str] = set()
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            tensors = _flatten(output) if not isinstance(output, torch.Tensor) else [output]
+            if name not in seen and tensors and tensors[0].is_floating_point():
+                seen.add(name)
+                records.append((name, type(module).__name__, tensors[0].detach().cpu().numpy().copy()))
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if n]
+    try:
+        predict(model, spec, feeds)
+    except ModelError:
+        return []
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records

@@ -103,8 +103,9 @@ def _call(model: TFModel, spec: ModelSpec, tensors):
         import tensorflow as tf
 
         keras_model = model.model
+        names = [t.name for t in spec.inputs]
         model.fn = tf.function(
-            lambda *args: keras_model(list(args) if len(args) > 1 else args[0], training=False),
+            lambda *args: keras_model(_keras_inputs(names, args), training=False),
             input_signature=_tensor_specs(spec),
         )
     return model.fn(*tensors)
@@ -117,6 +118,11 @@ def _ordered(model: TFModel, spec: ModelSpec, result) -> list[np.ndarray]:
     if isinstance(result, (list, tuple)):
         return [np.asarray(r) for r in result]
     return [np.asarray(result)]
+
+
+def _keras_inputs(names: list[str], tensors):
+    """One tensor, or a dict by input name: Keras matches dicts to its Input layers by name, lists by position."""
+    return tensors[0] if len(tensors) == 1 else dict(zip(names, tensors))
 
 
 def predict(model: TFModel, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -213,3 +219,21 @@ def _last_error(stderr: str) -> str:
         if "Error" in line or "error" in line or "failure" in line:
             return line[:300]
     return lines[-1][:300] if lines else "no output"
+
+
+def layer_outputs(model: TFModel, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    """(layer name, layer type, output) for every layer of a functional Keras model; SavedModel signatures
+    expose no layers."""
+    if model.kind != "keras":
+        return []
+    import keras
+
+    layers = [layer for layer in model.model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    layers = [layer for layer in layers if not isinstance(layer.output, (list, tuple))]
+    if not layers:
+        return []
+    probe = keras.Model(model.model.inputs, [layer.output for layer in layers])
+    tensors = _tensors(spec, feeds)
+    outputs = probe(_keras_inputs([t.name for t in spec.inputs], tensors), training=False)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return [(layer.name, type(layer).__name__, np.asarray(out)) for layer, out in zip(layers, outputs)]

@@ -52,3 +52,14 @@ def target(name: str) -> ModuleType:
         return importlib.import_module(TARGETS[name])
     except KeyError:
         raise KeyError(f"no serving target {name!r}; known: {', '.join(TARGETS)}") from None
+
+
+def expected_output_lines(ctx: TargetContext, names: list[str], shown: int = 8) -> list[str]:
+    """README lines giving the first values of each output for the first sample request."""
+    import numpy as np
+
+    lines = []
+    for name in names:
+        values = np.asarray(ctx.expected[name])[:1].ravel()[:shown]
+        lines.append(f"- `{name}` starts with {', '.join(f'{v:.6g}' for v in values)}")
+    return lines

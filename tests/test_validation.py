@@ -1,0 +1,141 @@
+"""Validation that can be trusted: per-layer localization across the framework boundary, NaN gates, the
+HTML report rendered by a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import RECIPES, kiln, run_fixture_script, run_json
+from stages import localize
+from stages.frameworks import pytorch as torch_framework
+from stages.tensors import ModelSpec, TensorSpec
+
+
+def _perturbed_cnn(tmp_path: Path, exporter: str):
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from examples.models import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    feeds = {"pixels": np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)}
+    clean = tmp_path / f"{exporter}.onnx"
+    torch.onnx.export(model, (torch.from_numpy(feeds["pixels"]),), str(clean), dynamo=exporter == "dynamo",
+                      input_names=["pixels"], output_names=["logits"])
+    graph = onnx.load(str(clean))
+    for init in graph.graph.initializer:  # one weight of the second convolution (features.2), nothing else
+        if init.name.replace("_", ".").endswith("features.2.weight"):
+            weights = numpy_helper.to_array(init).copy()
+            weights[0, 0, 1, 1] += 0.5
+            init.CopyFrom(numpy_helper.from_array(weights, init.name))
+            break
+    else:
+        raise AssertionError("features.2.weight not found")
+    broken = tmp_path / f"{exporter}-broken.onnx"
+    onnx.save(graph, str(broken))
+    spec = ModelSpec([TensorSpec("pixels", "float32", ["batch", 1, 8, 8])], ["logits"])
+    return model, spec, feeds, clean, broken
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_injected_initializer_error_is_localized(tmp_path, exporter):
+    model, spec, feeds, clean, broken = _perturbed_cnn(tmp_path, exporter)
+    ok = localize.localize(torch_framework, model, spec, feeds, clean)
+    assert ok["first_divergent"] is None and ok["layers_matched"] == ok["layers_in_model"] == 11
+    bad = localize.localize(torch_framework, model, spec, feeds, broken)
+    first = bad["first_divergent"]
+    assert first["layer"] == "features.2" and first["type"] == "Conv2d", first
+    before = [layer for layer in bad["layers"] if layer["layer"] in ("features.0", "features.1")]
+    assert all(layer["relative_error"] < 1e-5 for layer in before)
+    # the same between two ONNX graphs (e.g. FP32 vs a variant): the perturbed convolution's output
+    onnx_only = localize.compare_onnx(clean, broken, feeds)
+    assert onnx_only["first_divergent"]["type"] == "Conv"
+    assert "features.2" in onnx_only["first_divergent"]["layer"] or onnx_only["first_divergent"]["layer"] == "node_conv2d_1"
+
+
+@pytest.fixture(scope="module")
+def torch_registry(registry):
+    return run_fixture_script("register_torch.py", registry)
+
+
+@pytest.mark.slow
+def test_real_export_mismatch_names_the_layer(torch_registry, tmp_path):
+    """TorchScript tracing bakes a data-dependent branch; kiln says which layer that was."""
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(128, 4)).astype(np.float32))
+    recipe = tmp_path / "gated.yaml"
+    recipe.write_text("name: gated\nsource: {uri: 'models:/gated@champion'}\nexport: {exporter: torchscript}\n"
+                      "validation: {data: {source: npz, path: x.npz, samples: 128}}\n")
+    result = kiln("run", str(recipe), "--tracking-uri", torch_registry, "--artifacts", str(tmp_path / "a"))
+    assert result.returncode == 1, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("kiln:")]
+    assert "output 'y'" in line and "first divergent layer: gate (SignGate" in line
+
+
+@pytest.mark.slow
+def test_nan_output_fails_with_one_line(torch_registry, tmp_path):
+    recipe = tmp_path / "log.yaml"
+    recipe.write_text("name: log-model\nsource: {uri: 'models:/log-model@champion'}\n"
+                      "validation: {data: {source: synthetic, samples: 8}}\n")
+    result = kiln("run", str(recipe), "--tracking-uri", torch_registry, "--artifacts", str(tmp_path / "a"))
+    assert result.returncode == 1
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("kiln:")]
+    assert "NaN" in line and "output 'y'" in line
+    assert not (tmp_path / "a" / "bundles" / "log-model").exists()
+
+
+@pytest.fixture(scope="module")
+def cnn_bundle(registry, tmp_path_factory):
+    artifacts = tmp_path_factory.mktemp("validation-artifacts")
+    result, summary = run_json(str(RECIPES / "digits-cnn.yaml"), "--tracking-uri", registry,
+                               "--artifacts", str(artifacts))
+    assert result.returncode == 0, result.stderr
+    return Path(summary["recipes"][0]["bundle"])
+
+
+@pytest.mark.slow
+def test_metrics_cover_shapes_layers_and_adaptive_latency(cnn_bundle):
+    metrics = json.loads((cnn_bundle / "manifest.json").read_text())["metrics"]
+    assert [s["sizes"] for s in metrics["shape_sweep"]] == [{"batch": 1}, {"batch": 180}]
+    assert metrics["localization"]["layers_matched"] == 11 and metrics["localization"]["first_divergent"] is None
+    assert metrics["task"]["reference_f1"] > 0.9
+    assert metrics["outputs"]["logits"]["topk_agreement"] > 0.95
+    for timing in metrics["latency"].values():
+        for runtime in ("original", "onnxruntime"):
+            assert timing[runtime]["iterations"] >= 200 and timing[runtime]["peak_rss_mb"] > 0
+            assert len(timing[runtime]["samples_ms"]) == timing[runtime]["iterations"]
+    assert metrics["machine"]["cores"] >= 1
+    printed = kiln("report", str(cnn_bundle))
+    assert printed.returncode == 0 and "## Per-layer comparison" in printed.stdout
+
+
+@pytest.mark.slow
+def test_html_report_renders_in_chromium(cnn_bundle, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None and os.environ.get("CI") != "true":
+        pytest.skip("chromium not installed (make test installs it)")
+    assert chromium, "make test installs chromium; it is missing"
+    page = (cnn_bundle / "report.html").resolve().as_uri()
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "report.png"
+    done = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,2400", page],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), done.stderr[-2000:]
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("class=\"plot\"") >= 3 and "data:image/png;base64," in dom
+    for plot in ("plot-latency", "plot-errors-logits", "plot-layers"):
+        assert f'id="{plot}"' in dom
+    from PIL import Image
+
+    image = np.asarray(Image.open(shot).convert("L"))
+    assert image.shape[0] >= 2000
+    assert (image < 200).mean() > 0.02  # text, tables and plots, not a blank page
