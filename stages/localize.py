@@ -98,14 +98,17 @@ def match_layers(model, layer_outputs: list[tuple[str, str, np.ndarray]], tensor
         order += [(name, scopes, node.name) for name in node.output if name in tensors]
     layers = []
     fuzzy_from = 0  # uniquified names are matched in execution order, so dense cannot claim dense_1's nodes
+    claimed: set[str] = set()  # a scope belongs to one layer: Keras' dense_1 is not layer dense's dense_1
     for layer, kind, reference in layer_outputs:
-        candidates = [(i, name, node) for i, (name, scopes, node) in enumerate(order) if layer in scopes]
+        scope = layer if layer not in claimed else None
+        candidates = [(i, name, node) for i, (name, scopes, node) in enumerate(order) if scope in scopes]
         if not candidates:
             for i in range(fuzzy_from, len(order)):
-                scope = _fuzzy_scope(layer, order[i][1])
+                scope = _fuzzy_scope(layer, order[i][1] - claimed)
                 if scope:
                     candidates = [(j, name, node) for j, (name, scopes, node) in enumerate(order) if scope in scopes]
                     break
+        claimed.add(scope)
         candidates = [c for c in candidates if tensors[c[1]].shape == reference.shape]
         if not candidates:
             continue

@@ -14,8 +14,10 @@ def _metrics(reference, candidate, labels=None, p95=2.0, speedup=1.5):
         task = {"metric": "top1_accuracy", "output": "logits", "samples": len(labels),
                 "reference": parity.accuracy(reference, labels), "candidate": parity.accuracy(candidate, labels)}
         task["drop"] = task["reference"] - task["candidate"]
-    timing = {"original": {"p95_ms": 3.0}, "onnxruntime": {"p95_ms": p95}, "speedup_p50": speedup}
-    return {"outputs": outputs, "task": task, "latency": {"1": timing, "8": timing}}
+    def timing():
+        return {"original": {"p95_ms": 3.0}, "onnxruntime": {"p95_ms": p95}, "speedup_p50": speedup}
+
+    return {"outputs": outputs, "task": task, "latency": {"1": timing(), "8": timing()}}
 
 
 def _judge(gates: dict, reference, candidate, **kwargs):
@@ -125,3 +127,18 @@ def test_median_ci_covers_the_median():
     values = np.arange(1, 101, dtype=float)
     low, high = latency.median_ci(values)
     assert low < 50.5 < high and high - low < 25
+
+
+def test_latency_regression_against_the_previous_version():
+    ref = np.zeros((2, 4), np.float32)
+    config = Gates.model_validate({"latency": {"max_regression": 0.2}}).model_dump(mode="json")
+    metrics = _metrics(ref, ref)
+    metrics["latency"]["1"]["onnxruntime"]["p50_ms"] = 1.5
+    metrics["latency"]["8"]["onnxruntime"]["p50_ms"] = 1.1
+    baseline = {"source": {"version": "3"},
+                "metrics": {"latency": {"1": {"onnxruntime": {"p50_ms": 1.0}}, "8": {"onnxruntime": {"p50_ms": 1.0}}}}}
+    found = gate.verdicts(config, metrics, {"logits": ref}, {"logits": ref}, None, baseline)
+    by = {v["subject"]: v for v in found if v["gate"] == "max_regression"}
+    assert by["batch 1"]["passed"] is False and "1.50x version 3's" in by["batch 1"]["message"]
+    assert by["batch 8"]["passed"] is True
+    assert not [v for v in gate.verdicts(config, metrics, {"logits": ref}, {"logits": ref}) if v["gate"] == "max_regression"]

@@ -50,6 +50,10 @@ def test_keras_example_has_parity_against_tensorflow(keras_bundle):
     out = manifest["metrics"]["outputs"]["probabilities"]
     assert out["max_abs_error"] < 1e-5 and out["top1_agreement"] == 1.0
     assert manifest["metrics"]["task"]["reference"] > 0.9
+    # every Keras layer found in the tf2onnx graph despite Keras' uniquified scope names (dense -> dense_1 ...)
+    localization = manifest["metrics"]["localization"]
+    assert localization["layers_matched"] == localization["layers_in_model"] == 3
+    assert localization["first_divergent"] is None
     report = (keras_bundle / "report.md").read_text()
     assert "| 1 | tensorflow |" in report and "original = tensorflow" in report
 
