@@ -19,40 +19,16 @@ def _console():
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _recipe_files(paths: tuple[str, ...]) -> list[Path]:
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
-            if not found:
-                raise RecipeError(f"{path}: folder holds no *.yaml recipes")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise RecipeError(f"{path}: no such recipe file")
-    return files
+def _recipe_files(paths):
+    from pipeline.build import recipe_files
+
+    return recipe_files(paths)
 
 
-def _plans(paths: tuple[str, ...], settings: Settings):
-    from pipeline.mlflow_registry import resolve
-    from pipeline.plan import plan_recipe
-    from pipeline.recipe import load_recipe
+def _plans(paths, settings: Settings):
+    from pipeline.build import plan_all
 
-    from pipeline.versions import check_onnxruntime_install
-
-    check_onnxruntime_install()
-    recipes = [(path, load_recipe(path)) for path in _recipe_files(paths)]
-    names = [r.name for _, r in recipes]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise RecipeError(f"name: recipes share the name {duplicated[0]!r}; names must be unique in one run")
-    plans = []
-    for path, recipe in recipes:
-        source = resolve(recipe.source.uri, settings.tracking_uri(recipe.source.tracking_uri))
-        plans.append(plan_recipe(recipe, path, source, settings))
-    return plans
+    return plan_all(paths, settings)
 
 
 def _guard(func):
@@ -104,8 +80,7 @@ def main() -> None:
 @_guard
 def run(recipes, artifacts, tracking_uri, as_json, jobs, executor) -> None:
     """Build RECIPES (files or folders): fetch, export, optimize, validate, gate, publish."""
-    from pipeline.executor import make_executor
-    from pipeline.runner import Runner
+    from pipeline.build import build
 
     settings = Settings.from_env(artifacts, tracking_uri)
     plans = _plans(recipes, settings)
@@ -121,7 +96,14 @@ def run(recipes, artifacts, tracking_uri, as_json, jobs, executor) -> None:
         elif kind == "failed":
             console.print(f"  [red]✗[/] {outcome.step:<32} failed")
 
-    summary = Runner(settings, make_executor(executor, jobs), on_event).run(plans)
+    summary = build(plans, settings, executor, jobs, on_event, warn=lambda m: click.echo(m, err=True))
+    _print_outcomes(console, summary)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2, default=str))
+    sys.exit(summary.exit_code)
+
+
+def _print_outcomes(console, summary) -> None:
     for result in summary.recipes:
         if result.status == "passed":
             state = "published" if result.delivered else "up to date"
@@ -130,9 +112,6 @@ def run(recipes, artifacts, tracking_uri, as_json, jobs, executor) -> None:
             click.echo(f"kiln: {result.recipe}: {result.status.replace('_', ' ')}: {result.reason}", err=True)
     ran = sum(1 for r in summary.recipes for s in r.steps if s.status == "ran")
     console.print(f"[dim]{ran} step(s) ran, {summary.seconds:.2f}s[/]")
-    if as_json:
-        click.echo(json.dumps(summary.to_json(), indent=2, default=str))
-    sys.exit(summary.exit_code)
 
 
 @main.command()
@@ -206,6 +185,92 @@ def report(bundle: Path, as_html: bool, open_it: bool) -> None:
         click.echo(str(page.resolve()))
     else:
         click.echo(md.read_text())
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True)
+@with_common
+@click.option("--model", help="Only recipes whose source is this registered model (e.g. from a webhook)")
+@click.option("--version", "model_version", help="With --model: only recipes that resolve to this version")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML here")
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)")
+@_guard
+def ci(recipes, artifacts, tracking_uri, model, model_version, junit, summary_path) -> None:
+    """CI mode: build the recipes a model version affects (or all); JUnit XML and Markdown; non-zero on failure."""
+    from pipeline.build import build, plan_all
+    from pipeline.ci import junit_xml, markdown
+
+    settings = Settings.from_env(artifacts, tracking_uri)
+    plans = plan_all(recipes, settings, model=model, version=model_version)
+    if not plans:
+        click.echo(f"kiln ci: no recipe follows {model or 'anything'}{' v' + model_version if model_version else ''}")
+    summary = build(plans, settings, warn=lambda m: click.echo(m, err=True))
+    _print_outcomes(_console(), summary)
+    for path, text in ((junit, junit_xml(summary) if junit else None), (summary_path, markdown(summary))):
+        if path and text:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True)
+@with_common
+@click.option("--interval", default=30.0, show_default=True, help="Seconds between registry polls")
+@click.option("--once", is_flag=True, help="Poll once, build what is new, and exit")
+@_guard
+def watch(recipes, artifacts, tracking_uri, interval, once) -> None:
+    """Poll the registry; build each new version (or alias move) the RECIPES follow, once."""
+    from pipeline.watch import watch as run_watch
+
+    settings = Settings.from_env(artifacts, tracking_uri)
+    run_watch(recipes, settings, interval, once, say=lambda m: click.echo(m, err=True))
+
+
+@main.command("webhook-server")
+@click.argument("recipes", nargs=-1, required=True)
+@with_common
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True)
+@click.option("--secret-env", default="KILN_WEBHOOK_SECRET", show_default=True,
+              help="Environment variable holding the webhook secret (never on the command line)")
+@_guard
+def webhook_server(recipes, artifacts, tracking_uri, host, port, secret_env) -> None:
+    """Receive MLflow registry webhooks (HMAC-verified, replay-protected) and build what they affect."""
+    import os
+    import queue
+    import threading
+
+    from pipeline.recipe import load_recipe, parse_model_uri
+    from pipeline.watch import poll_once
+    from pipeline.webhook import Verifier, make_server
+
+    secret = os.environ.get(secret_env)
+    if not secret:
+        raise BadInput(f"--secret-env {secret_env}: the environment variable is empty; set the webhook's secret there")
+    settings = Settings.from_env(artifacts, tracking_uri)
+    files = _recipe_files(recipes)
+    followed = {parse_model_uri(load_recipe(path).source.uri)[0] for path in files}
+    jobs: queue.Queue = queue.Queue()
+    say = lambda m: click.echo(m, err=True)  # noqa: E731
+    server = make_server(host, port, Verifier(secret), lambda name: name in followed, jobs, say)
+
+    def worker():
+        while True:
+            job = jobs.get()
+            try:
+                poll_once(recipes, settings, say, model=job["model"])
+            except Exception as exc:  # noqa: BLE001 - keep serving; the next event or `watch` retries
+                say(f"kiln webhook: build for {job['model']} failed to start: {exc}")
+
+    threading.Thread(target=worker, daemon=True).start()
+    say(f"kiln webhook: listening on http://{host}:{server.server_address[1]}/ for {', '.join(sorted(followed))}")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
 
 
 @main.command("verify-store")

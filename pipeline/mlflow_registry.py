@@ -51,6 +51,12 @@ def resolve(uri: str, tracking_uri: str) -> SourceRef:
     try:
         if alias is not None:
             found = registry.get_model_version_by_alias(name, alias)
+        elif version == "latest":
+            versions = registry.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"],
+                                                      max_results=1)
+            if not versions:
+                raise SourceError(f"source.uri {uri}: registered model '{name}' has no versions at {tracking_uri}")
+            found = versions[0]
         else:
             found = registry.get_model_version(name, version)
     except MlflowException as exc:

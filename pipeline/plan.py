@@ -180,4 +180,16 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
             context={"source_uri": source.uri},
         )
     )
+    write_back = recipe.publish.write_back
+    if write_back.enabled:
+        # Keyed on the bundle (and the settings), so an unchanged build registers nothing new.
+        steps.append(
+            Step(
+                name,
+                "register",
+                {"write_back": write_back.model_dump(mode="json", exclude={"tracking_uri"})},
+                {"bundle": f"{name}:publish"},
+                context={"tracking_uri": write_back.tracking_uri or source.tracking_uri},
+            )
+        )
     return RecipePlan(recipe, recipe_path, source, steps, bundle_dest)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import RecipeError
 
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+))$")
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+|latest))$")
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=100)]
@@ -26,7 +26,7 @@ class Strict(BaseModel):
 
 
 class Source(Strict):
-    uri: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
+    uri: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; overrides MLFLOW_TRACKING_URI")
     signature: str = Field("serving_default", description="TensorFlow SavedModels: the signature to convert and call")
 
@@ -34,7 +34,7 @@ class Source(Strict):
     @classmethod
     def _model_uri(cls, value: str) -> str:
         if not MODEL_URI.match(value):
-            raise ValueError(f"{value!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+            raise ValueError(f"{value!r} is not models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
         return value
 
 
@@ -216,8 +216,22 @@ class Serving(Strict):
     tf_serving: TfServingTarget = Field(default_factory=TfServingTarget)
 
 
+class WriteBack(Strict):
+    """Register the published ONNX model back in MLflow (onnx flavor) and move an alias when every gate passed."""
+
+    enabled: bool = False
+    model_name: str | None = Field(None, description="Target registered model; default: <source name>-onnx")
+    alias: str | None = Field("optimized", description="Alias moved to the new version (only when gates pass)")
+    stage: Literal["Staging", "Production", "Archived"] | None = Field(
+        None, description="Legacy registry stage to transition to, for registries that still use stages"
+    )
+    experiment: str = Field("kiln-builds", description="Experiment of the write-back runs")
+    tracking_uri: str | None = Field(None, description="Default: the source's tracking URI")
+
+
 class Publish(Strict):
     dest: str | None = Field(None, description="Folder for bundles; default: <artifacts>/bundles")
+    write_back: WriteBack = Field(default_factory=WriteBack)
 
 
 class Recipe(Strict):

@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "gate": "stages.gate",
     "serve": "stages.serve",
     "publish": "stages.publish",
+    "register": "stages.register",
 }
 
 

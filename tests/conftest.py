@@ -113,47 +113,70 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts), stopped by its PID."""
-    home = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(home / "server.log", "w")
-    mlflow = Path(sys.executable).parent / "mlflow"
-    process = subprocess.Popen(
-        [
-            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-            "--artifacts-destination", str(home / "artifacts"),
-            "--workers", "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=base_env(),
-        start_new_session=True,  # its gunicorn/uvicorn workers go down with it
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts) in its own process group.
+    Webhook delivery to http on loopback is allowed, so it can call kiln's receiver."""
+
+    def __init__(self, home: Path, port: int | None = None):
+        self.home = home
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / "server.log", "a")
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
+                "--artifacts-destination", str(self.home / "artifacts"),
+                "--workers", "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=base_env(MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true"),
+            start_new_session=True,  # its gunicorn/uvicorn workers go down with it
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
                     if response.status == 200:
-                        break
+                        return self
             except OSError:
                 pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {(self.home / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        yield uri
-    finally:
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
         try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            process.wait(timeout=10)
-        log.close()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_process(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 for the whole session, stopped by its PID."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_process) -> str:
+    return mlflow_server_process.uri
