@@ -104,6 +104,12 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
 
     dest_root = _resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
     source_options = {"signature": recipe.source.signature}  # how the original model is called
+    validate_config = {
+        "latency": recipe.validation.latency.model_dump(mode="json"),
+        "shape_sweep": recipe.validation.shape_sweep,
+        "localize": recipe.validation.localize.model_dump(mode="json"),
+        "source_options": source_options,
+    }
     data_config = recipe.validation.data.model_dump(mode="json")
     data_files: dict[str, str] = {}
     data_context: dict[str, Any] = dict(registry)
@@ -127,29 +133,38 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
             {"model": f"{name}:fetch", "data": f"{name}:data"},
         ),
         Step(name, "optimize", recipe.optimize.model_dump(mode="json"), {"onnx": f"{name}:export"}),
-        Step(
-            name,
-            "validate",
-            {
-                "latency": recipe.validation.latency.model_dump(mode="json"),
-                "shape_sweep": recipe.validation.shape_sweep,
-                "localize": recipe.validation.localize.model_dump(mode="json"),
-                "source_options": source_options,
-            },
-            {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:optimize",
-             "exported": f"{name}:export"},
-        ),
-        Step(name, "gate", {"gates": recipe.gates.model_dump(mode="json")}, {"metrics": f"{name}:validate"},
-             *_baseline(recipe, dest_root, source.version)),
+        Step(name, "validate", validate_config,
+             {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:optimize",
+              "exported": f"{name}:export"}),
+        # Only the selected variant's gate stops the build; the others are judged and reported.
+        Step(name, "gate", {"gates": recipe.gates.model_dump(mode="json"), "blocking": recipe.select == "fp32"},
+             {"metrics": f"{name}:validate"}, *_baseline(recipe, dest_root, source.version)),
     ]
+    chains = {"fp32": {"onnx": f"{name}:optimize", "metrics": f"{name}:validate", "verdicts": f"{name}:gate"}}
+    for variant in recipe.variants:
+        v = variant.name
+        parity = (variant.gates or recipe.gates.parity).model_dump(mode="json")
+        steps += [
+            Step(name, f"quantize.{v}",
+                 {"variant": variant.model_dump(mode="json", exclude={"gates"}), "gates": parity,
+                  "level": recipe.optimize.level},
+                 {"onnx": f"{name}:optimize", "data": f"{name}:data", "metrics": f"{name}:validate"}),
+            # Layer-by-layer against the original on the variant itself: where quantization hurts.
+            Step(name, f"validate.{v}", validate_config,
+                 {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:quantize.{v}",
+                  "exported": f"{name}:quantize.{v}"}),
+            Step(name, f"gate.{v}",
+                 {"gates": {**recipe.gates.model_dump(mode="json"), "parity": parity}, "blocking": recipe.select == v},
+                 {"metrics": f"{name}:validate.{v}", "quantized": f"{name}:quantize.{v}"},
+                 *_baseline(recipe, dest_root, source.version)),
+        ]
+        chains[v] = {"onnx": f"{name}:quantize.{v}", "metrics": f"{name}:validate.{v}", "verdicts": f"{name}:gate.{v}"}
     bundle_dest = dest_root / name / f"v{source.version}"
-    built = {
-        "model": f"{name}:fetch",
-        "data": f"{name}:data",
-        "onnx": f"{name}:optimize",
-        "metrics": f"{name}:validate",
-        "verdicts": f"{name}:gate",
-    }
+    built = {"model": f"{name}:fetch", "data": f"{name}:data", **chains[recipe.select]}
+    variants = {}
+    if recipe.variants:  # every variant's measurements and verdicts, for the report's variant table
+        for v, chain in chains.items():
+            variants.update({f"variant.{v}.{part}": step for part, step in chain.items()})
     serving = {}
     for target in recipe.serving.targets:
         # After the gate (no serving config for a model that failed it) but not keyed on its verdicts, so a
@@ -167,7 +182,7 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
                 "bundle_dest": str(bundle_dest),
             },
             {k: v for k, v in built.items() if k != "verdicts"},
-            after=[f"{name}:gate"],
+            after=[chains[recipe.select]["verdicts"]],
         )
         steps.append(step)
         serving[f"serving.{target}"] = step.id
@@ -176,7 +191,7 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
             name,
             "publish",
             {"recipe": recipe.model_dump(mode="json"), "recipe_sha256": recipe_digest(recipe)},
-            {**built, "export": f"{name}:export", **serving},
+            {**built, "export": f"{name}:export", **serving, **variants},
             context={"source_uri": source.uri},
         )
     )

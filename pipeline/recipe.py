@@ -116,6 +116,22 @@ class Validation(Strict):
     localize: Localize = Field(default_factory=Localize)
 
 
+class Calibration(Strict):
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    samples: int = Field(64, ge=1, description="Drawn from the validation data with the seed; their hash is recorded")
+    seed: int = 0
+
+
+class Fallback(Strict):
+    """Accuracy-aware fallback: when the variant misses its parity gates, keep the nodes that add the most
+    quantization noise in float and quantize again, within a budget."""
+
+    enabled: bool = True
+    max_rounds: int = Field(4, ge=1)
+    nodes_per_round: int = Field(2, ge=1)
+    max_excluded_fraction: float = Field(0.25, gt=0, le=1, description="Of the quantizable nodes")
+
+
 class OutputGate(Strict):
     atol: float | None = Field(None, ge=0)
     rtol: float | None = Field(None, ge=0)
@@ -136,6 +152,24 @@ class LatencyGates(Strict):
         None, ge=0, description="Fail when ONNX Runtime p50 is slower than the previous published version's by more "
         "than this fraction (0.2 = 20 %); this machine drifts 15-20 % between runs"
     )
+
+
+class Variant(Strict):
+    """A precision variant built from the optimized FP32 model and validated against the original."""
+
+    name: Slug
+    kind: Literal["fp16", "int8-dynamic", "int8-static"]
+    per_channel: bool = True
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="auto: on CPUs without VNNI (u8s8 can saturate on AVX2), recorded in the manifest"
+    )
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="int8-static activations")
+    weight_type: Literal["int8", "uint8"] = "int8"
+    calibration: Calibration = Field(default_factory=Calibration)
+    keep_io_types: bool = Field(True, description="fp16: keep float32 inputs and outputs")
+    op_block_list: list[str] = Field(default_factory=list, description="fp16: op types kept in float32")
+    fallback: Fallback = Field(default_factory=Fallback)
+    gates: ParityGates | None = Field(None, description="Parity gates for this variant; default: gates.parity")
 
 
 class Gates(Strict):
@@ -243,6 +277,8 @@ class Recipe(Strict):
     optimize: Optimize = Field(default_factory=Optimize)
     validation: Validation = Field(default_factory=Validation)
     gates: Gates = Field(default_factory=Gates)
+    variants: list[Variant] = Field(default_factory=list, description="Precision variants besides fp32")
+    select: str = Field("fp32", description="The variant the bundle publishes: fp32 or a variant name")
     serving: Serving = Field(default_factory=Serving)
     publish: Publish = Field(default_factory=Publish)
 
@@ -259,6 +295,11 @@ class Recipe(Strict):
                         )
         if self.gates.parity.max_accuracy_drop is not None and not self.validation.data.labels:
             raise ValueError("gates.parity.max_accuracy_drop needs validation.data.labels")
+        variant_names = [v.name for v in self.variants]
+        if "fp32" in variant_names or len(set(variant_names)) != len(variant_names):
+            raise ValueError("variants: names must be unique and not 'fp32' (the optimized model itself)")
+        if self.select != "fp32" and self.select not in variant_names:
+            raise ValueError(f"select: {self.select!r} is neither fp32 nor a variant ({', '.join(variant_names) or 'none'})")
         if self.inputs:
             names = [t.name for t in self.inputs]
             if len(set(names)) != len(names):

@@ -61,6 +61,34 @@ def sections(manifest: dict) -> list[dict]:
                 "rows": rows, "plot": "latency"})
     for name in metrics["outputs"]:
         out.append({"title": f"Error histogram: {name}", "plot": f"errors-{name}"})
+    variants = manifest.get("variants") or []
+    if variants:
+        batches = list(variants[0]["p50_ms"])
+        rows = []
+        for v in variants:
+            rows.append([("**" + v["name"] + "** (published)") if v["selected"] else v["name"], v["kind"], v["bytes"],
+                         v["cosine"], v["max_abs_error"], v["accuracy"],
+                         *[v["p50_ms"][b] for b in batches], *[f"{v['speedup'][b]:.2f}x" for b in batches],
+                         "pass" if v["passed"] else "**FAIL**"])
+        text = []
+        for v in variants:
+            fallback = v.get("fallback") or {}
+            for index, round_ in enumerate(fallback.get("rounds") or [], 1):
+                nodes = ", ".join(f"`{r['node']}` ({r['op']}, SQNR {r['sqnr_db']} dB, adds {r['added_noise']:.2e} "
+                                  "relative noise power)" for r in round_["excluded"])
+                after = ", ".join(f"{k} cosine {m['cosine']:.6f}" if isinstance(m, dict) else f"{k} {m:.4f}"
+                                  for k, m in round_["after"].items())
+                verdict = "passes" if round_["passed"] else "kept (helps)" if round_.get("kept") else "reverted (no help)"
+                text.append(f"{v['name']} fallback round {index}: float {nodes} → {after}: {verdict}")
+            if fallback.get("stopped"):
+                text.append(f"{v['name']} fallback stopped: {fallback['stopped']}")
+            if v["reduce_range"] is not None:
+                text.append(f"{v['name']}: reduce_range {v['reduce_range']}"
+                            + (f", calibration sha256 `{v['calibration_sha256'][:16]}…`" if v.get("calibration_sha256") else ""))
+        out.append({"title": "Precision variants (vs the original framework)",
+                    "header": ["variant", "kind", "bytes", "cosine", "max abs", "accuracy",
+                               *[f"p50 ms b{b}" for b in batches], *[f"speedup b{b}" for b in batches], "gates"],
+                    "rows": rows, "text": text})
     loc = metrics.get("localization") or {}
     if loc.get("available"):
         first = loc.get("first_divergent")

@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "data": "stages.data",
     "export": "stages.export",
     "optimize": "stages.optimize",
+    "quantize": "stages.quantize",
     "validate": "stages.validate",
     "gate": "stages.gate",
     "serve": "stages.serve",
@@ -29,9 +30,9 @@ STAGES: dict[str, str] = {
 
 
 def load_stage(name: str) -> ModuleType:
-    """A stage module by name; `serve.<target>` names the serve stage for one serving target."""
-    if name.startswith("serve."):
-        name = "serve"
+    """A stage module by name; `<stage>.<what>` (serve.triton, quantize.int8, validate.int8) is that stage
+    for one serving target or precision variant."""
+    name = name.split(".", 1)[0]
     try:
         return importlib.import_module(STAGES[name])
     except KeyError:

@@ -9,7 +9,7 @@ from pathlib import Path
 from stages import parity
 from stages.tensors import load_arrays
 
-VERSION = 2
+VERSION = 4
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
@@ -37,7 +37,7 @@ def _output_gate(gates: dict, name: str) -> dict:
 def _where(metrics: dict) -> str:
     """Where the error starts, from validate's layer-by-layer comparison, as a clause for a failure message."""
     loc = metrics.get("localization") or {}
-    if not loc.get("available"):
+    if not loc.get("available") or not loc.get("layers_matched"):
         return ""
     first = loc.get("first_divergent")
     if first:
@@ -140,10 +140,26 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     baseline = json.loads(Path(context["baseline"]).read_text()) if context.get("baseline") else None
     found = verdicts(config["gates"], metrics, reference, candidate, sweep, baseline)
     failed = [v for v in found if not v["passed"]]
-    result = {"passed": not failed, "verdicts": found}
+    reason = failed[0]["message"] if failed else None
+    if failed and "quantized" in inputs:
+        reason += _fallback_note(json.loads((inputs["quantized"] / "quantize.json").read_text()))
+    result = {"passed": not failed, "verdicts": found, "reason": reason}
     (out / "verdicts.json").write_text(json.dumps(result, indent=2))
+    verdict = {"passed": not failed, "reason": reason}
+    # A variant the recipe does not publish is judged and reported, but does not stop the build.
+    blocking = config.get("blocking", True)
     return {
-        "verdict": {"passed": not failed, "reason": failed[0]["message"] if failed else None},
+        "verdict": verdict if blocking else None,
+        "advisory": None if blocking else verdict,
         "checked": len(found),
         "failed": len(failed),
     }
+
+
+def _fallback_note(quantize: dict) -> str:
+    fallback = quantize.get("fallback") or {}
+    if not fallback.get("rounds"):
+        return ""
+    excluded = len(fallback.get("excluded") or [])
+    return (f"; accuracy-aware fallback kept {excluded} node(s) in float after {len(fallback['rounds'])} round(s) "
+            f"and stopped: {fallback.get('stopped')}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
 
-VERSION = 1
+VERSION = 2
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
@@ -64,6 +64,13 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     options.optimized_model_filepath = str(target)
     options.log_severity_level = 3
     ort.InferenceSession(str(current), options, providers=["CPUExecutionProvider"])
+    # Precision variants start from a graph with only portable (basic) optimizations: the extended level's
+    # fused CPU kernels (FusedConv, FusedGemm, ...) are not quantizable.
+    basic = ort.SessionOptions()
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    basic.optimized_model_filepath = str(out / "quantizable.onnx")
+    basic.log_severity_level = 3
+    ort.InferenceSession(str(current), basic, providers=["CPUExecutionProvider"])
     if current != source:
         current.unlink()
     after = _ops(target)

@@ -1,6 +1,7 @@
 """publish: assemble the hand-off bundle: the optimized ONNX model, the ORT session config that validate
-measured with, sample inputs/outputs, manifest.json (lineage, hashes, tool versions, metrics, verdicts) and
-report.md. The runner delivers the bundle to its destination atomically."""
+measured with, sample inputs/outputs, each serving target's files under serving/<target>/, README.md (how to
+serve it), manifest.json (lineage, hashes, tool versions, metrics, verdicts), report.md with plots/ and a
+self-contained report.html. The runner delivers the bundle to its destination atomically."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipeline.report import render_html, render_report
 from pipeline.versions import environment
 from stages.tensors import ModelSpec, load_arrays, save_arrays
 
-VERSION = 2
+VERSION = 3
 SAMPLES = 4  # sample requests shipped with the bundle
 
 
@@ -66,6 +67,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             shutil.copytree(inputs[name], out / "serving" / target)
     (out / "README.md").write_text(_readme(config["recipe"]["name"], source, spec, serving))
 
+    variants = _variants(inputs, config["recipe"].get("select", "fp32"))
     order = ["model", "data", "export", "onnx", "metrics", "verdicts", *(f"serving.{t}" for t in serving)]
     steps = [upstream[name] for name in order if name in upstream]
     tools_used: dict[str, str | None] = {}
@@ -89,6 +91,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "tools": dict(sorted(tools_used.items())),
         "environment": environment(),
         "serving": {t: {k: v for k, v in summary.items() if k != "readme"} for t, summary in serving.items()},
+        "variants": variants,
         "metrics": metrics,
         "gates": verdicts,
     }
@@ -101,6 +104,35 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     (out / "report.html").write_text(render_html(manifest, images))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
     return {"files": len(manifest["files"]) + 3, "passed": verdicts["passed"]}
+
+
+def _variants(inputs: dict[str, Path], selected: str) -> list[dict]:
+    """One row per precision variant: size, parity, accuracy, latency, verdict, fallback."""
+    rows = []
+    names = sorted({k.split(".")[1] for k in inputs if k.startswith("variant.")}, key=lambda n: (n != "fp32", n))
+    for name in names:
+        metrics = json.loads((inputs[f"variant.{name}.metrics"] / "metrics.json").read_text())
+        verdicts = json.loads((inputs[f"variant.{name}.verdicts"] / "verdicts.json").read_text())
+        folder = inputs[f"variant.{name}.onnx"]
+        quantize = json.loads((folder / "quantize.json").read_text()) if (folder / "quantize.json").exists() else {}
+        first = next(iter(metrics["outputs"].values()))
+        rows.append({
+            "name": name,
+            "kind": quantize.get("kind", "fp32"),
+            "selected": name == selected,
+            "bytes": (folder / "model.onnx").stat().st_size,
+            "cosine": first.get("cosine"),
+            "max_abs_error": first.get("max_abs_error"),
+            "accuracy": (metrics.get("task") or {}).get("candidate"),
+            "p50_ms": {b: t["onnxruntime"]["p50_ms"] for b, t in metrics["latency"].items()},
+            "speedup": {b: t["speedup_p50"] for b, t in metrics["latency"].items()},
+            "passed": verdicts["passed"],
+            "reason": verdicts.get("reason"),
+            "reduce_range": quantize.get("reduce_range"),
+            "calibration_sha256": (quantize.get("calibration") or {}).get("sha256"),
+            "fallback": quantize.get("fallback"),
+        })
+    return rows
 
 
 def _plots(metrics: dict, source: dict, reference: dict, candidate: dict) -> dict[str, bytes]:

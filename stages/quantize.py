@@ -1,0 +1,275 @@
+"""quantize: one precision variant of the optimized FP32 model (fp16, int8-dynamic, int8-static QDQ), checked
+against the original framework's outputs with the variant's parity gates, and repaired when it misses them.
+
+Accuracy-aware fallback: run the FP32 and the quantized graph on the same samples, measure for every quantized
+node the signal-to-quantization-noise ratio (SQNR) its output loses relative to its inputs (the noise the node
+itself adds, not what it inherits), keep the worst nodes in float (`nodes_to_exclude`) and quantize again,
+until the gates pass or the budget (rounds, excluded fraction) is used. Every round and what it cost is
+recorded in quantize.json. Calibration samples are drawn with the recipe's seed and their hash recorded;
+the same seed and data give a byte-identical model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ModelError
+from pipeline.versions import onnxruntime_distribution
+from stages import gate, parity
+from stages.tensors import load_arrays
+
+VERSION = 3
+QUANTIZABLE = {"Conv", "MatMul", "Gemm", "Attention", "ConvTranspose", "MatMulNBits"}
+SQNR_SAMPLES = 16
+FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid"}
+
+
+def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+    return ["onnx", onnxruntime_distribution(), "numpy"]
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _reduce_range(setting) -> tuple[bool, str]:
+    if setting == "auto":
+        vnni = cpu_has_vnni()
+        return (not vnni, "auto: CPU has VNNI" if vnni else "auto: CPU without VNNI (u8s8 can saturate on AVX2)")
+    return bool(setting), "recipe"
+
+
+class _Reader:
+    """Calibration batches of one sample each, in a fixed order."""
+
+    def __init__(self, feeds: dict[str, np.ndarray]):
+        count = next(iter(feeds.values())).shape[0]
+        self.items = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(count)]
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.items):
+            return None
+        self.position += 1
+        return self.items[self.position - 1]
+
+    def rewind(self):
+        self.position = 0
+
+
+def _calibration(feeds: dict[str, np.ndarray], settings: dict) -> tuple[dict[str, np.ndarray], str]:
+    count = next(iter(feeds.values())).shape[0]
+    rng = np.random.default_rng(settings["seed"])
+    rows = np.sort(rng.choice(count, size=min(settings["samples"], count), replace=False))
+    chosen = {k: np.ascontiguousarray(v[rows]) for k, v in feeds.items()}
+    digest = hashlib.sha256()
+    for name in sorted(chosen):
+        digest.update(name.encode())
+        digest.update(chosen[name].tobytes())
+    return chosen, digest.hexdigest()
+
+
+def _quantize(kind: str, variant: dict, source: Path, target: Path, calibration: dict | None,
+              reduce_range: bool, exclude: list[str]) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    # Fused transformer graphs carry tensors without inferred types; the quantizer then needs a default.
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    if kind == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=variant["keep_io_types"],
+                                         op_block_list=variant["op_block_list"] or None, node_block_list=exclude or None)
+        onnx.save(model, str(target))
+    elif kind == "int8-dynamic":
+        quantize_dynamic(source, target, per_channel=variant["per_channel"], reduce_range=reduce_range,
+                         weight_type=types[variant["weight_type"]], nodes_to_exclude=exclude, extra_options=extra)
+    else:
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=variant["per_channel"], reduce_range=reduce_range,
+                        activation_type=types[variant["activation_type"]], weight_type=types[variant["weight_type"]],
+                        calibrate_method=methods[variant["calibration"]["method"]], nodes_to_exclude=exclude,
+                        extra_options=extra)
+
+
+def _finish(raw: Path, target: Path, level: str) -> None:
+    """ONNX Runtime's offline optimization at the recipe's level, as for FP32: it turns QDQ pairs into integer
+    kernels, so the published model runs as validated with online optimization off."""
+    import onnxruntime as ort
+
+    from stages import onnx_runtime
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, onnx_runtime.LEVELS[level])
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+
+
+def _judge(path: Path, feeds, reference: dict, labels, gates: dict) -> tuple[list[dict], dict]:
+    """The variant's parity verdicts against the original framework's outputs (no latency here)."""
+    from stages import onnx_runtime
+
+    sess = onnx_runtime.session(path)
+    names = [o.name for o in sess.get_outputs()]
+    candidate = dict(zip(names, onnx_runtime.run(sess, feeds)))
+    metrics = {"outputs": {n: parity.compare(reference[n], candidate[n]) for n in names}, "latency": {}, "task": None}
+    if labels is not None:
+        first = names[0]
+        metrics["task"] = {"output": first, "reference": parity.accuracy(reference[first], labels),
+                           "candidate": parity.accuracy(candidate[first], labels)}
+        metrics["task"]["drop"] = metrics["task"]["reference"] - metrics["task"]["candidate"]
+    found = gate.verdicts({"parity": gates, "latency": {}}, metrics, reference, candidate)
+    summary = {n: {k: metrics["outputs"][n].get(k) for k in ("cosine", "max_abs_error", "top1_agreement")} for n in names}
+    if metrics["task"]:
+        summary["accuracy"] = metrics["task"]["candidate"]
+    return found, summary
+
+
+def _score(found: list[dict], measured: dict) -> tuple:
+    """Better = fewer failed gates, then a higher mean output cosine."""
+    cosines = [m["cosine"] for m in measured.values() if isinstance(m, dict) and m.get("cosine") is not None]
+    return (-sum(not v["passed"] for v in found), float(np.mean(cosines)) if cosines else 0.0)
+
+
+def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
+    ref = reference.astype(np.float64)
+    noise = float(np.sum((ref - candidate.astype(np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0:
+        return float("inf")
+    return float(10 * np.log10(max(signal, 1e-30) / noise))
+
+
+def noisiest_nodes(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray]) -> list[dict]:
+    """Quantizable FP32 nodes ranked by the SQNR they lose: output SQNR below their worst input's."""
+    import onnx
+
+    from stages.localize import onnx_tensors
+
+    model = onnx.load(str(fp32))
+    reference = onnx_tensors(model, feeds)
+    candidate = onnx_tensors(onnx.load(str(quantized)), feeds)
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    ranked = []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZABLE or not node.name:
+            continue
+        out = node.output[0]
+        if out not in candidate:
+            # The quantizer fuses a following activation (Conv+Relu): compare at the activation's output.
+            following = consumers.get(out, [])
+            if len(following) == 1 and following[0].op_type in FUSED_ACTIVATIONS:
+                out = following[0].output[0]
+        if out not in reference or out not in candidate or reference[out].shape != candidate[out].shape:
+            continue
+        output_sqnr = _sqnr(reference[out], candidate[out])
+        input_sqnr = [_sqnr(reference[i], candidate[i]) for i in node.input
+                      if i in reference and i in candidate and reference[i].shape == candidate[i].shape]
+        inherited = min(input_sqnr) if input_sqnr else float("inf")
+        # Relative noise power the node adds on top of what its inputs already carry.
+        added = max(0.0, 10 ** (-output_sqnr / 10) - (10 ** (-inherited / 10) if np.isfinite(inherited) else 0.0))
+        ranked.append({"node": node.name, "op": node.op_type, "sqnr_db": round(float(output_sqnr), 2),
+                       "added_noise": float(added)})
+    return sorted(ranked, key=lambda r: (-r["added_noise"], r["node"]))
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    import onnx
+
+    variant, gates = config["variant"], config["gates"]
+    kind = variant["kind"]
+    source = inputs["onnx"] / "quantizable.onnx"
+    feeds = load_arrays(inputs["data"] / "inputs.npz")
+    labels_file = inputs["data"] / "labels.npz"
+    labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
+    reference = load_arrays(inputs["metrics"] / "reference.npz")
+    reduce_range, reduce_reason = _reduce_range(variant["reduce_range"])
+    calibration, calibration_sha = (None, None)
+    if kind == "int8-static":
+        calibration, calibration_sha = _calibration(feeds, variant["calibration"])
+
+    quantizable = [n.name for n in onnx.load(str(source), load_external_data=False).graph.node
+                   if n.op_type in QUANTIZABLE and n.name]
+    budget = int(variant["fallback"]["max_excluded_fraction"] * len(quantizable))
+    raw = out.parent / "quantized-raw.onnx"  # outside out/: node names as in the source, for the fallback
+    target = out / "model.onnx"
+    excluded: list[str] = []
+    tried: set[str] = set()
+    rounds: list[dict] = []
+    stopped = None
+    probe = {k: v[:SQNR_SAMPLES] for k, v in feeds.items()}
+    try:
+        _quantize(kind, variant, source, raw, calibration, reduce_range, excluded)
+        _finish(raw, target, config["level"])
+        found, measured = _judge(target, feeds, reference, labels, gates)
+        first = measured
+        while any(not v["passed"] for v in found):
+            fallback = variant["fallback"]
+            if not fallback["enabled"]:
+                stopped = "fallback disabled"
+                break
+            if len(rounds) >= fallback["max_rounds"]:
+                stopped = f"budget used: max_rounds {fallback['max_rounds']}"
+                break
+            room = budget - len(excluded)
+            if room <= 0:
+                stopped = f"budget used: max_excluded_fraction {fallback['max_excluded_fraction']} ({budget} of {len(quantizable)} nodes)"
+                break
+            ranked = [r for r in noisiest_nodes(source, raw, probe) if r["node"] not in excluded]
+            ranked = [r for r in ranked if r["node"] not in tried]
+            if not ranked:
+                stopped = "no quantized node left whose float fallback helps"
+                break
+            chosen = ranked[: min(fallback["nodes_per_round"], room)]
+            tried.update(r["node"] for r in chosen)
+            trial = excluded + [r["node"] for r in chosen]
+            _quantize(kind, variant, source, raw, calibration, reduce_range, trial)
+            _finish(raw, target, config["level"])
+            trial_found, trial_measured = _judge(target, feeds, reference, labels, gates)
+            helped = _score(trial_found, trial_measured) > _score(found, measured)
+            rounds.append({"excluded": chosen, "after": trial_measured, "kept": helped,
+                           "passed": all(v["passed"] for v in trial_found)})
+            if helped:
+                excluded, found, measured = trial, trial_found, trial_measured
+            else:  # keeping these in float did not help: quantize them again and try the next ones
+                _quantize(kind, variant, source, raw, calibration, reduce_range, excluded)
+                _finish(raw, target, config["level"])
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the quantizer's failure is this model's, named as such
+        raise ModelError(f"variants.{variant['name']}: {kind} quantization failed: {type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+
+    record = {
+        "variant": variant["name"],
+        "kind": kind,
+        "per_channel": variant["per_channel"],
+        "reduce_range": reduce_range if kind != "fp16" else None,
+        "reduce_range_reason": reduce_reason if kind != "fp16" else None,
+        "calibration": {**variant["calibration"], "sha256": calibration_sha} if calibration_sha else None,
+        "quantizable_nodes": len(quantizable),
+        "before_fallback": first,
+        "fallback": {"rounds": rounds, "excluded": excluded, "stopped": stopped},
+        "passes_parity": all(v["passed"] for v in found),
+        "bytes": target.stat().st_size,
+        "fp32_bytes": (inputs["onnx"] / "model.onnx").stat().st_size,
+    }
+    (out / "quantize.json").write_text(json.dumps(record, indent=2))
+    return {k: record[k] for k in ("variant", "kind", "reduce_range", "passes_parity", "bytes")} | {
+        "excluded_nodes": excluded, "rounds": len(rounds)}

@@ -1,0 +1,91 @@
+"""Precision variants: FP16, INT8 dynamic, INT8 static QDQ with seeded calibration, and accuracy-aware fallback,
+each validated against the original PyTorch model through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import RECIPES, derive_recipe, kiln, run_json
+from pipeline.hashing import sha256_file
+
+pytestmark = pytest.mark.slow
+
+PLAIN_INT8 = {"name": "int8", "kind": "int8-static", "gates": {"default": {"min_cosine": 0.999},
+                                                               "max_accuracy_drop": 0.005}}
+
+
+def _recipe(tmp: Path, name: str, variants: list[dict], select: str) -> Path:
+    return derive_recipe(tmp / f"{name}.yaml", RECIPES / "digits-cnn.yaml", {
+        "name": name, "serving": {"targets": []}, "variants": variants, "select": select,
+        "validation": {"latency": {"batch_sizes": [1, 32], "iterations": 100, "target_ci": None}},
+    })
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("quantize-artifacts")
+
+
+def test_variants_are_built_validated_and_reported(registry, artifacts, tmp_path):
+    variants = [PLAIN_INT8,
+                {"name": "int8-dyn", "kind": "int8-dynamic", "gates": {"default": {"min_cosine": 0.999}}},
+                {"name": "fp16", "kind": "fp16", "gates": {"default": {"min_cosine": 0.9999}}}]
+    recipe = _recipe(tmp_path, "digits-int8", variants, select="int8")
+    result, summary = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert result.returncode == 0, result.stderr
+    bundle = Path(summary["recipes"][0]["bundle"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    rows = {v["name"]: v for v in manifest["variants"]}
+    assert set(rows) == {"fp32", "int8", "int8-dyn", "fp16"} and rows["int8"]["selected"]
+    # the published model is the INT8 one, validated against the original PyTorch model
+    assert sha256_file(bundle / "model.onnx") == manifest["files"]["model.onnx"]["sha256"]
+    assert (bundle / "model.onnx").stat().st_size == rows["int8"]["bytes"] < rows["fp32"]["bytes"] / 2
+    task = manifest["metrics"]["task"]
+    assert task["drop"] <= 0.005 and task["reference"] > 0.9  # criterion: <= 0.5 % top-1 drop vs PyTorch
+    assert rows["int8"]["calibration_sha256"] and rows["int8"]["reduce_range"] in (True, False)
+    assert rows["fp16"]["bytes"] < rows["fp32"]["bytes"]
+    report = (bundle / "report.md").read_text()
+    assert "## Precision variants" in report and "**int8** (published)" in report
+
+
+def test_strict_gate_passes_after_fallback_and_lists_the_nodes(registry, artifacts, tmp_path):
+    strict = {"name": "int8", "kind": "int8-static", "per_channel": False,
+              "gates": {"default": {"min_cosine": 0.99999}},
+              "fallback": {"max_rounds": 4, "nodes_per_round": 1, "max_excluded_fraction": 1.0}}
+    plain = _recipe(tmp_path, "digits-strict-plain", [{**strict, "fallback": {"enabled": False}}], select="int8")
+    result = kiln("run", str(plain), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert result.returncode == 1 and "below min_cosine 0.99999" in result.stderr  # plain INT8 static fails
+
+    repaired = _recipe(tmp_path, "digits-strict", [strict], select="int8")
+    result, summary = run_json(str(repaired), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert result.returncode == 0, result.stderr
+    bundle = Path(summary["recipes"][0]["bundle"])
+    row = next(v for v in json.loads((bundle / "manifest.json").read_text())["variants"] if v["name"] == "int8")
+    fallback = row["fallback"]
+    assert fallback["excluded"] and len(fallback["excluded"]) < 4  # some nodes stay INT8
+    assert fallback["rounds"][-1]["passed"]
+    report = (bundle / "report.md").read_text()
+    for node in fallback["excluded"]:
+        assert f"`{node}`" in report
+
+    budget = _recipe(tmp_path, "digits-strict-budget",
+                     [{**strict, "fallback": {"max_rounds": 1, "nodes_per_round": 1, "max_excluded_fraction": 0.25}}],
+                     select="int8")
+    result = kiln("run", str(budget), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert result.returncode == 1
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("kiln:")]
+    assert "accuracy-aware fallback" in line and "budget used: max_rounds 1" in line
+    assert not (artifacts / "bundles" / "digits-strict-budget").exists()
+
+
+def test_calibration_is_reproducible_byte_for_byte(registry, tmp_path):
+    hashes = []
+    for store in ("one", "two"):
+        recipe = _recipe(tmp_path, "digits-repro", [PLAIN_INT8], select="int8")
+        result, summary = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(tmp_path / store))
+        assert result.returncode == 0, result.stderr
+        hashes.append(sha256_file(Path(summary["recipes"][0]["bundle"]) / "model.onnx"))
+    assert hashes[0] == hashes[1]
