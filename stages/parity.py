@@ -36,6 +36,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "reference_nan": int(np.isnan(ref).sum()),
         }
     )
+    if reference.ndim >= 2:
+        result["mean_row_cosine"] = mean_row_cosine(np.where(finite, ref, 0), np.where(finite, cand, 0))
     if reference.ndim >= 2 and reference.shape[-1] > 1:
         agree = np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)
         result["top1_agreement"] = float(agree.mean())
@@ -92,3 +94,12 @@ def macro_f1(logits: np.ndarray, labels: np.ndarray) -> float:
         fn = int(((predicted != cls) & (truth == cls)).sum())
         scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
     return float(np.mean(scores))
+
+
+def mean_row_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over samples (first axis) of each sample's cosine similarity, e.g. per sentence embedding."""
+    ref = reference.reshape(reference.shape[0], -1)
+    cand = candidate.reshape(candidate.shape[0], -1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cosines = np.where(norms > 0, np.sum(ref * cand, axis=1) / np.where(norms > 0, norms, 1), 1.0)
+    return float(np.mean(cosines))

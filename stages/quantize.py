@@ -22,7 +22,7 @@ from pipeline.versions import onnxruntime_distribution
 from stages import gate, parity
 from stages.tensors import load_arrays
 
-VERSION = 3
+VERSION = 4
 QUANTIZABLE = {"Conv", "MatMul", "Gemm", "Attention", "ConvTranspose", "MatMulNBits"}
 SQNR_SAMPLES = 16
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid"}

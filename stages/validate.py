@@ -19,7 +19,7 @@ from stages import frameworks, latency, localize, parity
 from stages.export import _flavor
 from stages.tensors import ModelSpec, axis_sizes, batch_of, load_arrays, resize_axes, save_arrays
 
-VERSION = 4
+VERSION = 5
 CHUNK = 64  # samples per call when computing parity outputs
 
 

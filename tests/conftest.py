@@ -27,7 +27,8 @@ QUIET = {
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "KILN_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "KILN_"))}
     env.update(QUIET)
     env.update(extra)
     return env
@@ -73,6 +74,18 @@ def run_fixture_script(script: str, registry: str) -> str:
                           cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return registry
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mlflow_uri():
+    """mlflow.set_tracking_uri/set_registry_uri in a test also set process environment variables that every
+    later subprocess would inherit (base_env drops them too); undo them after each test."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"))}
+    yield
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"))]:
+        if key not in saved:
+            del os.environ[key]
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +148,10 @@ class MlflowServer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=base_env(MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true"),
+            # The server caches each event's webhook list for 60 s by default: a webhook created right after
+            # an event of its kind would miss the next deliveries. One second keeps tests prompt.
+            env=base_env(MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+                         MLFLOW_WEBHOOK_CACHE_TTL="1"),
             start_new_session=True,  # its gunicorn/uvicorn workers go down with it
         )
         log.close()
