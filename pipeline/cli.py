@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import BadInput, KilnError, RecipeError
+from pipeline.errors import BadInput, KilnError
 from pipeline.settings import Settings, quiet_environment
 
 

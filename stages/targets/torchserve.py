@@ -199,7 +199,7 @@ def _readme(ctx: TargetContext, config: dict, outputs: list[dict]) -> str:
             "",
             "Secure by default. To open something, change `serving/torchserve/config.properties` deliberately:",
             "",
-            f"- listen beyond this host: set the `*_address` lines to `http://0.0.0.0:<port>` (or the recipe's "
+            "- listen beyond this host: set the `*_address` lines to `http://0.0.0.0:<port>` (or the recipe's "
             "`serving.torchserve.address`), and put TLS or a proxy in front;",
             "- no tokens: `disable_token_authorization=true` (or `torchserve --disable-token-auth`); the inference key "
             "expires after 60 min (`token_expiration_min`), renew with `curl -X POST "
