@@ -31,15 +31,11 @@ def _digest(*parts: object) -> str:
 def train_digits_cnn(seed: int = 0, epochs: int = 15):
     """Train DigitsCNN on 80 % of scikit-learn's digits; return the model and the held-out 20 %."""
     import torch
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     from examples.models import DigitsCNN
 
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
-    y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
+    x_train, x_test, y_train, y_test = _digits_split(seed)
+    x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)  # the 8x8 images
     torch.manual_seed(seed)
     model = DigitsCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -157,16 +153,23 @@ def register_all(tracking_uri: str, artifact_location: str, force: bool = False)
     return registered
 
 
+def _log_held_out(accuracy: float, **arrays: np.ndarray) -> None:
+    """The held-out split and its accuracy, in the model's run: recipes validate on it with its labels."""
+    import mlflow
+
+    mlflow.log_metric("test_accuracy", accuracy)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "digits-test.npz"
+        np.savez(path, **arrays)
+        mlflow.log_artifact(str(path), artifact_path="validation")
+
+
 def _log_digits(run):
     import mlflow
     import mlflow.pytorch
 
     model, x_test, y_test, accuracy = train_digits_cnn()
-    mlflow.log_metric("test_accuracy", accuracy)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "digits-test.npz"
-        np.savez(path, pixels=x_test, labels=y_test)
-        mlflow.log_artifact(str(path), artifact_path="validation")
+    _log_held_out(accuracy, pixels=x_test, labels=y_test)
     signature = _tensor_signature([("pixels", "float32", (-1, 1, 8, 8))], [("logits", "float32", (-1, 10))])
     return mlflow.pytorch.log_model(
         model,
@@ -203,11 +206,7 @@ def _log_keras(run):
     import mlflow.tensorflow
 
     model, x_test, y_test, accuracy = train_digits_keras()
-    mlflow.log_metric("test_accuracy", accuracy)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "digits-test.npz"
-        np.savez(path, features=x_test, labels=y_test)
-        mlflow.log_artifact(str(path), artifact_path="validation")
+    _log_held_out(accuracy, features=x_test, labels=y_test)
     signature = _tensor_signature([("features", "float32", (-1, 64))], [("probabilities", "float32", (-1, 10))])
     # mlflow.tensorflow, not mlflow.keras: it logs Keras 3 models with a signature reliably here.
     return mlflow.tensorflow.log_model(model, name="model", signature=signature, pip_requirements=["tensorflow"])

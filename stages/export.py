@@ -17,15 +17,8 @@ from stages.tensors import ModelSpec, axis_sizes, load_arrays, resize_axes
 VERSION = 2
 
 
-def _flavor(inputs: dict[str, Path]) -> str | None:
-    try:
-        return json.loads((inputs["model"] / "source.json").read_text())["flavor"]
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
-    return ["onnx", onnxruntime_distribution(), *frameworks.tools(_flavor(inputs))]
+    return ["onnx", onnxruntime_distribution(), *frameworks.tools(frameworks.flavor_of(inputs))]
 
 
 def _other_sizes(sizes: dict[str, int]) -> dict[str, int]:

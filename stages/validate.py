@@ -16,7 +16,6 @@ import numpy as np
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
 from stages import frameworks, latency, localize, parity
-from stages.export import _flavor
 from stages.tensors import ModelSpec, axis_sizes, batch_of, load_arrays, resize_axes, save_arrays
 
 VERSION = 5
@@ -24,7 +23,7 @@ CHUNK = 64  # samples per call when computing parity outputs
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
-    return ["numpy", "onnx", onnxruntime_distribution(), *frameworks.tools(_flavor(inputs))]
+    return ["numpy", "onnx", onnxruntime_distribution(), *frameworks.tools(frameworks.flavor_of(inputs))]
 
 
 def _chunks(spec: ModelSpec, feeds: dict[str, np.ndarray]):

@@ -45,3 +45,13 @@ def load_source(source: dict, model_dir: Path, options: dict):
         return module, module.load(model_dir, options)
     except ModelError as exc:
         raise ModelError(f"{source['uri']}: {exc}") from None
+
+
+def flavor_of(inputs: dict[str, Path]) -> str | None:
+    """The source flavor fetch recorded, for steps that read the model (None before fetch has run)."""
+    import json
+
+    try:
+        return json.loads((inputs["model"] / "source.json").read_text())["flavor"]
+    except (OSError, KeyError, ValueError):
+        return None
