@@ -19,7 +19,7 @@ from pipeline.report import render_html, render_report
 from pipeline.versions import environment
 from stages.tensors import ModelSpec, load_arrays, save_arrays
 
-VERSION = 3
+VERSION = 4
 SAMPLES = 4  # sample requests shipped with the bundle
 
 
@@ -130,6 +130,7 @@ def _variants(inputs: dict[str, Path], selected: str) -> list[dict]:
             "reason": verdicts.get("reason"),
             "reduce_range": quantize.get("reduce_range"),
             "calibration_sha256": (quantize.get("calibration") or {}).get("sha256"),
+            "before_fallback": quantize.get("before_fallback"),
             "fallback": quantize.get("fallback"),
         })
     return rows

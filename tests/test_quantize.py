@@ -51,28 +51,52 @@ def test_variants_are_built_validated_and_reported(registry, artifacts, tmp_path
     assert "## Precision variants" in report and "**int8** (published)" in report
 
 
-def test_strict_gate_passes_after_fallback_and_lists_the_nodes(registry, artifacts, tmp_path):
-    strict = {"name": "int8", "kind": "int8-static", "per_channel": False,
-              "gates": {"default": {"min_cosine": 0.99999}},
-              "fallback": {"max_rounds": 4, "nodes_per_round": 1, "max_excluded_fraction": 1.0}}
+def _cosine(measured: dict) -> float:
+    return next(m["cosine"] for m in measured.values() if isinstance(m, dict))
+
+
+def _variant_row(summary: dict) -> tuple[Path, dict]:
+    bundle = Path(summary["recipes"][0]["bundle"])
+    rows = json.loads((bundle / "manifest.json").read_text())["variants"]
+    return bundle, next(v for v in rows if v["name"] == "int8")
+
+
+def test_fallback_repairs_a_failing_int8_variant_and_stops_as_soon_as_it_passes(registry, artifacts, tmp_path):
+    # How much each excluded node buys depends on the trained weights, which are not bit-reproducible across
+    # machines; so the strict gate is placed from the curve this model's own fallback records.
+    walk = {"name": "int8", "kind": "int8-static", "per_channel": False,
+            "gates": {"default": {"min_cosine": 0.99999}},
+            "fallback": {"max_rounds": 4, "nodes_per_round": 1, "max_excluded_fraction": 1.0}}
+    result, summary = run_json(str(_recipe(tmp_path, "digits-walk", [walk], select="int8")),
+                               "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert result.returncode == 0, result.stderr
+    _, row = _variant_row(summary)
+    before = _cosine(row["before_fallback"])
+    helped = [r for r in row["fallback"]["rounds"] if r["kept"]]
+    assert helped and _cosine(helped[0]["after"]) > before  # excluding the noisiest node improved parity
+    strict_cosine = (before + _cosine(helped[0]["after"])) / 2
+    strict = {**walk, "gates": {"default": {"min_cosine": strict_cosine}}}
+
     plain = _recipe(tmp_path, "digits-strict-plain", [{**strict, "fallback": {"enabled": False}}], select="int8")
     result = kiln("run", str(plain), "--tracking-uri", registry, "--artifacts", str(artifacts))
-    assert result.returncode == 1 and "below min_cosine 0.99999" in result.stderr  # plain INT8 static fails
+    assert result.returncode == 1 and f"below min_cosine {strict_cosine}" in result.stderr  # plain INT8 fails
 
-    repaired = _recipe(tmp_path, "digits-strict", [strict], select="int8")
-    result, summary = run_json(str(repaired), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    result, summary = run_json(str(_recipe(tmp_path, "digits-strict", [strict], select="int8")),
+                               "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 0, result.stderr
-    bundle = Path(summary["recipes"][0]["bundle"])
-    row = next(v for v in json.loads((bundle / "manifest.json").read_text())["variants"] if v["name"] == "int8")
+    bundle, row = _variant_row(summary)
     fallback = row["fallback"]
-    assert fallback["excluded"] and len(fallback["excluded"]) < 4  # some nodes stay INT8
-    assert fallback["rounds"][-1]["passed"]
+    # exactly the first helpful node fell back; the other quantizable nodes stay INT8
+    assert fallback["excluded"] == [n["node"] for n in helped[0]["excluded"]]
+    assert fallback["rounds"][-1]["passed"] and fallback["stopped"] is None
     report = (bundle / "report.md").read_text()
     for node in fallback["excluded"]:
         assert f"`{node}`" in report
 
+    # a gate only float can meet, with room for one node: the budget ends the search, nothing is published
     budget = _recipe(tmp_path, "digits-strict-budget",
-                     [{**strict, "fallback": {"max_rounds": 1, "nodes_per_round": 1, "max_excluded_fraction": 0.25}}],
+                     [{**walk, "gates": {"default": {"min_cosine": 0.9999999}},
+                       "fallback": {"max_rounds": 1, "nodes_per_round": 1, "max_excluded_fraction": 0.25}}],
                      select="int8")
     result = kiln("run", str(budget), "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 1
