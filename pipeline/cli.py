@@ -160,6 +160,34 @@ def validate(recipes) -> None:
 
 
 @main.command()
+@click.argument("recipes", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+@_guard
+def targets(recipes, as_json) -> None:
+    """List the hardware targets this machine can tune for: the built-in profiles and those RECIPES define."""
+    from pipeline.hardware import BUILTIN
+    from pipeline.recipe import load_recipe
+    from stages import machine
+
+    profiles = dict(BUILTIN)
+    for path in _recipe_files(recipes) if recipes else []:
+        tune = load_recipe(path).tune
+        profiles.update(tune.profiles if tune else {})
+    here = machine.describe()
+    rows = [{"target": name, "provider": p.provider, "available": machine.unavailable_reason(p.provider, here) is None,
+             "reason": machine.unavailable_reason(p.provider, here), "precisions": p.precisions,
+             "description": p.description} for name, p in profiles.items()]
+    if as_json:
+        click.echo(json.dumps({"machine": here, "targets": rows}, indent=2))
+        return
+    click.echo(f"machine: {here['cpu']}, {here['cores']} cores, ISA {', '.join(here['isa']) or '-'}, "
+               f"GPUs {', '.join(here['gpus']) or 'none'}, onnxruntime {here['onnxruntime']}")
+    for row in rows:
+        state = "yes" if row["available"] else f"no: {row['reason']}"
+        click.echo(f"  {row['target']:<9} {row['provider']:<27} {'/'.join(row['precisions']):<32} {state}")
+
+
+@main.command()
 def schema() -> None:
     """Print the recipe JSON Schema."""
     from pipeline.recipe import Recipe

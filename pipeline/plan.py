@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import hardware
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.mlflow_registry import SourceRef
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, Variant
 from pipeline.settings import Settings
 from pipeline.store import Entry
 from pipeline.versions import versions
@@ -31,6 +32,7 @@ class Step:
     files: dict[str, str] = field(default_factory=dict)  # name -> external file whose content is keyed
     context: dict[str, Any] = field(default_factory=dict)  # not keyed: where things live
     after: list[str] = field(default_factory=list)  # steps that must finish first, whose outputs it does not read
+    resources: dict[str, float] = field(default_factory=dict)  # not keyed: what a worker needs (empty = 1 CPU)
 
     @property
     def id(self) -> str:
@@ -92,6 +94,76 @@ def _baseline(recipe: Recipe, dest_root: Path, version: str) -> tuple[dict, dict
         return {}, {}
     _, latest = max(older)
     return {"baseline": str(latest)}, {"baseline": str(latest)}
+
+
+# The precision a tuning target allows but no variant of the recipe declares: kiln's default for that kind.
+DEFAULT_PRECISIONS = [
+    Variant(name="auto-fp16", kind="fp16"),
+    Variant(name="auto-int8-dynamic-pc", kind="int8-dynamic", per_channel=True),
+    Variant(name="auto-int8-dynamic-pt", kind="int8-dynamic", per_channel=False),
+    Variant(name="auto-int8-static-pc", kind="int8-static", per_channel=True),
+]
+
+
+def _tuning_steps(recipe: Recipe, validate: str, source_options: dict) -> list[Step]:
+    """The candidate artifacts (exporter x fusion x precision) as ordinary cached steps, reusing the recipe's own
+    export/optimize/quantize steps where they coincide, and one tune step per target that measures them."""
+    name, tune = recipe.name, recipe.tune
+    assert tune is not None
+    profiles = {t: hardware.resolve(t, tune.profiles) for t in tune.targets}
+    kinds = {k for p in profiles.values() for k in p.precisions}
+    precisions = [v for v in [*recipe.variants, *tune.space.precisions] if v.kind in kinds]
+    covered = {v.kind for v in precisions}
+    precisions += [v for v in DEFAULT_PRECISIONS if v.kind in kinds - covered]
+    steps: list[Step] = []
+    candidates: dict[str, tuple[str, dict]] = {}  # candidate id -> (step id, what it is)
+    for exporter in tune.space.exporters or [recipe.export.exporter]:
+        exported = f"{name}:export"
+        if exporter != recipe.export.exporter:
+            steps.append(Step(name, f"export.{exporter}",
+                              {**recipe.export.model_dump(mode="json"), "exporter": exporter,
+                               "source_options": source_options},
+                              {"model": f"{name}:fetch", "data": f"{name}:data"}))
+            exported = steps[-1].id
+        for index, fusion in enumerate(tune.space.fusion or [recipe.optimize]):
+            base = f"{exporter}.f{index}"
+            own = exported == f"{name}:export" and fusion == recipe.optimize
+            if not own:
+                steps.append(Step(name, f"optimize.{base}", fusion.model_dump(mode="json"), {"onnx": exported}))
+            optimized = f"{name}:optimize" if own else steps[-1].id
+            described = {"exporter": exporter, "fusion": fusion.model_dump(mode="json")}
+            if "fp32" in kinds:
+                candidates[f"{base}.fp32"] = (optimized, {**described, "precision": "fp32", "variant": "fp32",
+                                                          "gates": recipe.gates.parity.model_dump(mode="json")})
+            for variant in precisions:
+                auto = variant in DEFAULT_PRECISIONS and tune.gates
+                gates = (variant.gates or (tune.gates if auto else recipe.gates.parity)).model_dump(mode="json")
+                if own and variant in recipe.variants:
+                    quantized = f"{name}:quantize.{variant.name}"
+                else:
+                    steps.append(Step(name, f"quantize.{variant.name}.{base}",
+                                      {"variant": variant.model_dump(mode="json", exclude={"gates"}), "gates": gates,
+                                       "level": fusion.level},
+                                      {"onnx": optimized, "data": f"{name}:data", "metrics": validate}))
+                    quantized = steps[-1].id
+                candidates[f"{base}.{variant.name}"] = (quantized, {**described, "precision": variant.kind,
+                                                                    "variant": variant.name, "gates": gates})
+    batch_sizes = tune.batch_sizes or recipe.validation.latency.batch_sizes
+    for target, profile in profiles.items():
+        allowed = {cid: c for cid, c in candidates.items() if c[1]["precision"] in profile.precisions}
+        config = {
+            "target": target,
+            "profile": profile.model_dump(mode="json"),
+            "publish": target == tune.published_target,
+            "objective": tune.objective,
+            "batch_sizes": batch_sizes,
+            "budget": tune.budget.model_dump(mode="json"),
+            "measure": tune.measure.model_dump(mode="json"),
+            "candidates": {cid: what for cid, (_, what) in allowed.items()},
+        }
+        inputs = {"data": f"{name}:data", "reference": validate, **{f"cand.{cid}": sid for cid, (sid, _) in allowed.items()}}
+        steps.append(Step(name, f"tune.{target}", config, inputs, resources=profile.resources))
+    return steps
 
 
 def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: Settings) -> RecipePlan:
@@ -159,6 +231,22 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
                  *_baseline(recipe, dest_root, source.version)),
         ]
         chains[v] = {"onnx": f"{name}:quantize.{v}", "metrics": f"{name}:validate.{v}", "verdicts": f"{name}:gate.{v}"}
+    tuned = {}
+    if recipe.tune:
+        steps += _tuning_steps(recipe, f"{name}:validate", source_options)
+        tuned = {f"tune.{t}": f"{name}:tune.{t}" for t in recipe.tune.targets}
+        if recipe.select == "tuned":
+            # The winner, validated in full with the exact session settings it won with.
+            winner = f"{name}:tune.{recipe.tune.published_target}"
+            steps += [
+                Step(name, "validate.tuned", validate_config,
+                     {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": winner, "exported": winner,
+                      "session": winner}),
+                Step(name, "gate.tuned", {"gates": recipe.gates.model_dump(mode="json"), "blocking": True},
+                     {"metrics": f"{name}:validate.tuned", "tuned": winner},
+                     *_baseline(recipe, dest_root, source.version)),
+            ]
+            chains["tuned"] = {"onnx": winner, "metrics": f"{name}:validate.tuned", "verdicts": f"{name}:gate.tuned"}
     bundle_dest = dest_root / name / f"v{source.version}"
     built = {"model": f"{name}:fetch", "data": f"{name}:data", **chains[recipe.select]}
     variants = {}
@@ -191,7 +279,7 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
             name,
             "publish",
             {"recipe": recipe.model_dump(mode="json"), "recipe_sha256": recipe_digest(recipe)},
-            {**built, "export": f"{name}:export", **serving, **variants},
+            {**built, "export": f"{name}:export", **serving, **variants, **tuned},
             context={"source_uri": source.uri},
         )
     )

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import RecipeError
+from pipeline.hardware import BUILTIN, TargetProfile
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+|latest))$")
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
@@ -269,6 +270,72 @@ class Publish(Strict):
     write_back: WriteBack = Field(default_factory=WriteBack)
 
 
+class TuneSpace(Strict):
+    """What artifacts to build and measure. Each exporter x fusion option gives an FP32 model; each precision
+    variant of each of those is another candidate. Empty lists mean the recipe's own choice."""
+
+    exporters: list[Literal["dynamo", "torchscript"]] = Field(
+        default_factory=list, description="Default: export.exporter (on transformers the two fuse differently)"
+    )
+    fusion: list[Optimize] = Field(default_factory=list, description="Optimization options; default: [optimize]")
+    precisions: list[Variant] = Field(
+        default_factory=list,
+        description="Variants built only as tuning candidates (besides `variants`); a precision kind a target "
+        "allows but no variant declares gets kiln's default for it",
+    )
+
+
+class TuneBudget(Strict):
+    max_trials: int = Field(40, ge=1, description="Latency trials per target (screening, search, final)")
+    time_budget_s: float = Field(600.0, gt=0, description="Wall time per target before the search stops")
+    top_candidates: int = Field(2, ge=1, description="Artifacts whose session settings are searched after screening")
+
+
+class TuneMeasure(Strict):
+    warmup: int = Field(3, ge=1)
+    iterations: int = Field(30, ge=5, description="Timed runs per trial and batch size (fewer when a call is slow)")
+    trial_seconds: float = Field(3.0, gt=0, description="Time a trial may take per batch size")
+    final_iterations: int = Field(100, ge=10, description="Timed runs for the final, interleaved comparison")
+    final_seconds: float = Field(10.0, gt=0, description="Time the final comparison may take per batch size")
+
+
+class Tune(Strict):
+    """Hardware-targeted tuning: per target, measure every candidate artifact and session setting the target's
+    profile allows, keep the fastest that passes the parity gates."""
+
+    targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1,
+                               description=f"Profiles: built-in ({', '.join(BUILTIN)}) or from `profiles`")
+    profiles: dict[str, TargetProfile] = Field(default_factory=dict, description="Define or override profiles")
+    publish: str | None = Field(None, description="The target whose winner `select: tuned` publishes; default: the first")
+    objective: Literal["p50", "p95", "throughput"] = Field(
+        "p95", description="Minimized over the batch sizes (geometric mean); throughput = ms per item"
+    )
+    batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="Default: validation.latency.batch_sizes"
+    )
+    space: TuneSpace = Field(default_factory=TuneSpace)
+    gates: ParityGates | None = Field(
+        None, description="Parity gates for kiln's default precision candidates (auto-*); default: gates.parity"
+    )
+    budget: TuneBudget = Field(default_factory=TuneBudget)
+    measure: TuneMeasure = Field(default_factory=TuneMeasure)
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> "Tune":
+        for name in self.targets:
+            if name not in self.profiles and name not in BUILTIN:
+                raise ValueError(f"targets: {name!r} is neither built in ({', '.join(BUILTIN)}) nor in tune.profiles")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("targets: each target once")
+        if self.publish is not None and self.publish not in self.targets:
+            raise ValueError(f"publish: {self.publish!r} is not one of tune.targets ({', '.join(self.targets)})")
+        return self
+
+    @property
+    def published_target(self) -> str:
+        return self.publish or self.targets[0]
+
+
 class Recipe(Strict):
     name: Slug
     source: Source
@@ -279,7 +346,9 @@ class Recipe(Strict):
     validation: Validation = Field(default_factory=Validation)
     gates: Gates = Field(default_factory=Gates)
     variants: list[Variant] = Field(default_factory=list, description="Precision variants besides fp32")
-    select: str = Field("fp32", description="The variant the bundle publishes: fp32 or a variant name")
+    select: str = Field("fp32", description="What the bundle publishes: fp32, a variant name, or tuned (the tuned "
+                        "winner of tune.publish)")
+    tune: Tune | None = Field(None, description="Hardware-targeted tuning; winners go to the bundle's targets/")
     serving: Serving = Field(default_factory=Serving)
     publish: Publish = Field(default_factory=Publish)
 
@@ -297,10 +366,18 @@ class Recipe(Strict):
         if self.gates.parity.max_accuracy_drop is not None and not self.validation.data.labels:
             raise ValueError("gates.parity.max_accuracy_drop needs validation.data.labels")
         variant_names = [v.name for v in self.variants]
-        if "fp32" in variant_names or len(set(variant_names)) != len(variant_names):
-            raise ValueError("variants: names must be unique and not 'fp32' (the optimized model itself)")
-        if self.select != "fp32" and self.select not in variant_names:
-            raise ValueError(f"select: {self.select!r} is neither fp32 nor a variant ({', '.join(variant_names) or 'none'})")
+        if {"fp32", "tuned"} & set(variant_names) or len(set(variant_names)) != len(variant_names):
+            raise ValueError("variants: names must be unique and not 'fp32' (the optimized model) or 'tuned'")
+        if self.select == "tuned":
+            if self.tune is None:
+                raise ValueError("select: tuned needs a `tune` section")
+        elif self.select != "fp32" and self.select not in variant_names:
+            raise ValueError(f"select: {self.select!r} is neither fp32, tuned nor a variant "
+                             f"({', '.join(variant_names) or 'none'})")
+        if self.tune:
+            names = variant_names + [v.name for v in self.tune.space.precisions]
+            if "fp32" in names or "tuned" in names or len(set(names)) != len(names):
+                raise ValueError("tune.space.precisions: names must be unique across variants and not fp32/tuned")
         if self.inputs:
             names = [t.name for t in self.inputs]
             if len(set(names)) != len(names):
@@ -323,6 +400,10 @@ def validation_problems(error: ValidationError) -> list[str]:
             problems.append(f"{path}: required field is missing")
         else:
             message = item["msg"].removeprefix("Value error, ")
+            # A section's cross-field check names its field first ("publish: ..."): join it to the path.
+            field = re.match(r"^([a-z_][a-z_0-9]*): ", message)
+            if field and path != "(recipe)":
+                path, message = f"{path}.{field[1]}", message[field.end():]
             problems.append(f"{path}: {message}")
     return problems
 

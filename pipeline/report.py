@@ -89,6 +89,7 @@ def sections(manifest: dict) -> list[dict]:
                     "header": ["variant", "kind", "bytes", "cosine", "max abs", "accuracy",
                                *[f"p50 ms b{b}" for b in batches], *[f"speedup b{b}" for b in batches], "gates"],
                     "rows": rows, "text": text})
+    out += _tuning_sections(manifest.get("tuning") or {})
     loc = metrics.get("localization") or {}
     if loc.get("available"):
         first = loc.get("first_divergent")
@@ -126,6 +127,49 @@ def sections(manifest: dict) -> list[dict]:
     out.append({"title": "Files", "header": ["file", "bytes", "sha256"],
                 "rows": [[f"`{p}`", f["bytes"], f"`{f['sha256'][:16]}…`"] for p, f in manifest["files"].items()],
                 "text": ["Tools: " + ", ".join(f"{k} {v}" for k, v in manifest["tools"].items() if v) + "."]})
+    return out
+
+
+def _tuning_sections(tuning: dict) -> list[dict]:
+    """Per hardware target: every candidate measured, the Pareto front and the winner, or why it was skipped."""
+    out = []
+    for target, record in tuning.items():
+        title = f"Tuning for `{target}` ({record['provider']})"
+        if record.get("skipped"):
+            out.append({"title": title, "text": [f"skipped: {record['skipped']}"]})
+            continue
+        batches = [str(b) for b in record["batch_sizes"]]
+        rows = []
+        for c in sorted(record["candidates"], key=lambda c: (c["objective"] is None, c["objective"] or 0)):
+            error = c.get("error") or {}
+            lat = c.get("latency") or {}
+            verdict = ("**winner**" if c["winner"] else "pareto" if c["pareto"] else "") if c["passed"] \
+                else f"fails: {c['reason']}"
+            fusion = c["fusion"]["level"] + (" + " + c["fusion"]["transformer"]["model_type"] if c["fusion"].get("transformer") else "")
+            rows.append([c["candidate"], c["exporter"], fusion, c["precision"], round(c["bytes"] / 2**20, 2),
+                         error.get("mean_cosine"), error.get("max_abs_error"),
+                         *[lat.get(b, {}).get("p50_ms") for b in batches], *[lat.get(b, {}).get("p95_ms") for b in batches],
+                         c["objective"], verdict])
+        winner = record["winner"]
+        opts = winner["measured_with"]
+        machine = record["machine"]
+        text = [
+            f"objective: {record['objective']} (geometric mean over batch sizes {', '.join(batches)}), lower is "
+            f"better; constraint: the parity gates of each candidate's precision",
+            f"winner `{winner['candidate']}`: {opts['providers'][0]} {opts['provider_options'][0] or ''}, "
+            f"{opts['session_options']['intra_op_num_threads']} intra-op threads, "
+            f"{opts['session_options']['execution_mode']}, {opts['session_options']['graph_optimization_level']}"
+            f"{'' if opts['session_options']['graph_optimization_level'] == 'ORT_DISABLE_ALL' else ' (baked into the model)'}"
+            f", IO binding {opts['io_binding']} → `targets/{target}/`",
+            f"machine: {machine['cpu']}, {machine['cores']} cores, ISA {', '.join(machine['isa']) or '-'}, "
+            f"GPUs {', '.join(machine['gpus']) or 'none'}, providers {', '.join(machine['providers'])}",
+            f"budget: {record['budget']['trials']} trials in {record['budget']['seconds']} s"
+            + (f", stopped: {record['budget']['stopped']}" if record["budget"]["stopped"] else ""),
+        ]
+        out.append({"title": title, "text": text, "rows": rows,
+                    "header": ["candidate", "exporter", "fusion", "precision", "MB", "mean cosine", "max abs",
+                               *[f"p50 ms b{b}" for b in batches], *[f"p95 ms b{b}" for b in batches],
+                               "objective ms", "result"]})
     return out
 
 

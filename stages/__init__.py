@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "export": "stages.export",
     "optimize": "stages.optimize",
     "quantize": "stages.quantize",
+    "tune": "stages.tune",
     "validate": "stages.validate",
     "gate": "stages.gate",
     "serve": "stages.serve",

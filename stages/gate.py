@@ -9,7 +9,7 @@ from pathlib import Path
 from stages import parity
 from stages.tensors import load_arrays
 
-VERSION = 5
+VERSION = 6
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
@@ -137,6 +137,19 @@ def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict, sweep
     return found
 
 
+def judge_parity(candidate: dict, reference: dict, labels, gates: dict) -> tuple[list[dict], dict]:
+    """Parity alone (no latency), for candidates judged before a full validation: precision variants during
+    their fallback and every candidate the tuner measures. Returns (verdicts, metrics)."""
+    names = list(candidate)
+    metrics = {"outputs": {n: parity.compare(reference[n], candidate[n]) for n in names}, "latency": {}, "task": None}
+    if labels is not None:
+        first = names[0]
+        metrics["task"] = {"output": first, "reference": parity.accuracy(reference[first], labels),
+                           "candidate": parity.accuracy(candidate[first], labels)}
+        metrics["task"]["drop"] = metrics["task"]["reference"] - metrics["task"]["candidate"]
+    return verdicts({"parity": gates, "latency": {}}, metrics, reference, candidate), metrics
+
+
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     metrics = json.loads((inputs["metrics"] / "metrics.json").read_text())
     reference = load_arrays(inputs["metrics"] / "reference.npz")
@@ -144,7 +157,10 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     sweep_file = inputs["metrics"] / "sweep.npz"
     sweep = load_arrays(sweep_file) if sweep_file.exists() else {}
     baseline = json.loads(Path(context["baseline"]).read_text()) if context.get("baseline") else None
-    found = verdicts(config["gates"], metrics, reference, candidate, sweep, baseline)
+    gates = config["gates"]
+    if "tuned" in inputs:  # the tuned winner is held to the parity gates of the precision it won with
+        gates = {**gates, "parity": json.loads((inputs["tuned"] / "tune.json").read_text())["winner"]["gates"]}
+    found = verdicts(gates, metrics, reference, candidate, sweep, baseline)
     failed = [v for v in found if not v["passed"]]
     reason = failed[0]["message"] if failed else None
     if failed and "quantized" in inputs:

@@ -19,7 +19,7 @@ from pipeline.report import render_html, render_report
 from pipeline.versions import environment
 from stages.tensors import ModelSpec, load_arrays, save_arrays
 
-VERSION = 4
+VERSION = 5
 SAMPLES = 4  # sample requests shipped with the bundle
 
 
@@ -27,20 +27,31 @@ def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
     return ["numpy"]
 
 
-def _session_config(spec: ModelSpec, metrics: dict, onnx_outputs: list[str]) -> dict:
+def _session_config(spec: ModelSpec, settings: dict, onnx_outputs: list[str], model: str = "model.onnx") -> dict:
+    """The ONNX Runtime settings the model was validated (or tuned) with, exactly, plus its I/O."""
     return {
-        "model": "model.onnx",
-        "providers": ["CPUExecutionProvider"],
-        "session_options": {
-            # The model is already optimized offline at the recipe's level; do not optimize it again at load.
-            "graph_optimization_level": "ORT_DISABLE_ALL",
-            "intra_op_num_threads": metrics["threads"],
-            "inter_op_num_threads": 1,
-            "execution_mode": "ORT_SEQUENTIAL",
-        },
+        "model": model,
+        **settings,
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in spec.inputs],
         "outputs": onnx_outputs,
     }
+
+
+def _tuned_targets(inputs: dict[str, Path], out: Path, spec: ModelSpec, onnx_outputs: list[str]) -> dict:
+    """Each tuned target's winner and its settings under targets/<target>/; the tuning records for the report."""
+    records = {}
+    for key in sorted(k for k in inputs if k.startswith("tune.")):
+        target = key.split(".", 1)[1]
+        record = json.loads((inputs[key] / "tune.json").read_text())
+        records[target] = record
+        if record.get("skipped"):
+            continue
+        folder = out / "targets" / target
+        folder.mkdir(parents=True)
+        shutil.copyfile(inputs[key] / "model.onnx", folder / "model.onnx")
+        settings = json.loads((inputs[key] / "session_config.json").read_text())
+        (folder / "session_config.json").write_text(json.dumps(_session_config(spec, settings, onnx_outputs), indent=2))
+    return records
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
@@ -56,7 +67,9 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     if spec.batch_axis_named:
         save_arrays(out / "sample_inputs.npz", {k: v[:SAMPLES] for k, v in feeds.items()})
         save_arrays(out / "sample_outputs.npz", {k: v[:SAMPLES] for k, v in candidate.items()})
-    (out / "session_config.json").write_text(json.dumps(_session_config(spec, metrics, list(candidate)), indent=2))
+    (out / "session_config.json").write_text(
+        json.dumps(_session_config(spec, metrics["session"], list(candidate)), indent=2))
+    tuning = _tuned_targets(inputs, out, spec, list(candidate))
 
     serving = {}
     for name in sorted(n for n in inputs if n.startswith("serving.")):
@@ -92,6 +105,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "environment": environment(),
         "serving": {t: {k: v for k, v in summary.items() if k != "readme"} for t, summary in serving.items()},
         "variants": variants,
+        "tuning": tuning,
         "metrics": metrics,
         "gates": verdicts,
     }
@@ -115,10 +129,11 @@ def _variants(inputs: dict[str, Path], selected: str) -> list[dict]:
         verdicts = json.loads((inputs[f"variant.{name}.verdicts"] / "verdicts.json").read_text())
         folder = inputs[f"variant.{name}.onnx"]
         quantize = json.loads((folder / "quantize.json").read_text()) if (folder / "quantize.json").exists() else {}
+        tuned = json.loads((folder / "tune.json").read_text())["winner"] if (folder / "tune.json").exists() else {}
         first = next(iter(metrics["outputs"].values()))
         rows.append({
             "name": name,
-            "kind": quantize.get("kind", "fp32"),
+            "kind": f"tuned: {tuned['candidate']}" if tuned else quantize.get("kind", "fp32"),
             "selected": name == selected,
             "bytes": (folder / "model.onnx").stat().st_size,
             "cosine": first.get("cosine"),
@@ -151,6 +166,7 @@ def _readme(name: str, source: dict, spec: ModelSpec, serving: dict[str, dict]) 
         "",
         "- `model.onnx`: the optimized model that passed the gates in `report.md`.",
         "- `session_config.json`: the ONNX Runtime session settings it was validated with.",
+        "- `targets/<target>/`: per hardware target, the tuned winner and the exact session settings it won with.",
         "- `sample_inputs.npz` / `sample_outputs.npz`: sample requests and the outputs to expect.",
         "- `manifest.json`: lineage, file hashes, tool versions, metrics and gate verdicts.",
         "- `report.html` (self-contained) / `report.md` + `plots/`: parity, latency, per-layer comparison, gates.",
@@ -164,8 +180,11 @@ def _readme(name: str, source: dict, spec: ModelSpec, serving: dict[str, dict]) 
         "cfg = json.load(open('session_config.json'))",
         "opts = ort.SessionOptions()",
         "opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg['session_options']['graph_optimization_level'])",
-        "opts.intra_op_num_threads = cfg['session_options']['intra_op_num_threads']",
-        "sess = ort.InferenceSession(cfg['model'], opts, providers=cfg['providers'])",
+        "for key in ('intra_op_num_threads', 'inter_op_num_threads'):",
+        "    setattr(opts, key, cfg['session_options'][key])",
+        "opts.execution_mode = getattr(ort.ExecutionMode, cfg['session_options']['execution_mode'])",
+        "sess = ort.InferenceSession(cfg['model'], opts, providers=cfg['providers'],",
+        "                            provider_options=cfg['provider_options'])",
         "feeds = dict(np.load('sample_inputs.npz'))",
         "print(sess.run(None, feeds))  # compare with np.load('sample_outputs.npz')",
         "```",

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
-from stages import gate, parity
+from stages import gate, machine
 from stages.tensors import load_arrays
 
 VERSION = 4
@@ -32,17 +32,9 @@ def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
     return ["onnx", onnxruntime_distribution(), "numpy"]
 
 
-def cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
 def _reduce_range(setting) -> tuple[bool, str]:
     if setting == "auto":
-        vnni = cpu_has_vnni()
+        vnni = machine.has_vnni()
         return (not vnni, "auto: CPU has VNNI" if vnni else "auto: CPU without VNNI (u8s8 can saturate on AVX2)")
     return bool(setting), "recipe"
 
@@ -124,14 +116,7 @@ def _judge(path: Path, feeds, reference: dict, labels, gates: dict) -> tuple[lis
 
     sess = onnx_runtime.session(path)
     names = [o.name for o in sess.get_outputs()]
-    candidate = dict(zip(names, onnx_runtime.run(sess, feeds)))
-    metrics = {"outputs": {n: parity.compare(reference[n], candidate[n]) for n in names}, "latency": {}, "task": None}
-    if labels is not None:
-        first = names[0]
-        metrics["task"] = {"output": first, "reference": parity.accuracy(reference[first], labels),
-                           "candidate": parity.accuracy(candidate[first], labels)}
-        metrics["task"]["drop"] = metrics["task"]["reference"] - metrics["task"]["candidate"]
-    found = gate.verdicts({"parity": gates, "latency": {}}, metrics, reference, candidate)
+    found, metrics = gate.judge_parity(dict(zip(names, onnx_runtime.run(sess, feeds))), reference, labels, gates)
     summary = {n: {k: metrics["outputs"][n].get(k) for k in ("cosine", "max_abs_error", "top1_agreement")} for n in names}
     if metrics["task"]:
         summary["accuracy"] = metrics["task"]["candidate"]

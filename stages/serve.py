@@ -13,7 +13,7 @@ from pathlib import Path
 from stages import targets
 from stages.tensors import ModelSpec, load_arrays
 
-VERSION = 1
+VERSION = 2
 SAMPLES = 4
 
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
-from stages import frameworks, latency, localize, parity
+from stages import frameworks, latency, localize, machine, parity
 from stages.tensors import ModelSpec, axis_sizes, batch_of, load_arrays, resize_axes, save_arrays
 
-VERSION = 5
+VERSION = 6
 CHUNK = 64  # samples per call when computing parity outputs
 
 
@@ -60,20 +59,6 @@ def _localization_rows(spec: ModelSpec, reference: np.ndarray, candidate: np.nda
     return np.array([start, *sorted(ranked[: count - 1])])
 
 
-def _machine() -> dict:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    flags = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": flags or platform.processor(), "cores": os.cpu_count(), "machine": platform.machine(),
-            "system": platform.system()}
-
-
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     from stages import onnx_runtime
 
@@ -88,11 +73,14 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     labels_file = inputs["data"] / "labels.npz"
     labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
 
-    sess = onnx_runtime.session(inputs["onnx"] / "model.onnx", threads=threads)
-    names = [o.name for o in sess.get_outputs()]
+    # The tuned settings when a tune step chose them, else the defaults; recorded, and published as is.
+    session = (json.loads((inputs["session"] / "session_config.json").read_text()) if "session" in inputs
+               else onnx_runtime.default_settings(threads))
+    runner = onnx_runtime.Runner(inputs["onnx"] / "model.onnx", session)
+    names = [o.name for o in runner.session(feeds).get_outputs()]
 
     reference = _outputs(lambda f: framework.predict(model, spec, f), spec, feeds)
-    candidate = _outputs(lambda f: onnx_runtime.run(sess, f), spec, feeds)
+    candidate = _outputs(runner.run, spec, feeds)
     if len(reference) != len(candidate):
         raise ModelError(f"the ONNX model has {len(candidate)} outputs, the original model returns {len(reference)}")
     save_arrays(out / "reference.npz", dict(zip(names, reference)))
@@ -104,7 +92,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         for index, sizes in enumerate(_sweep_sizes(spec, feeds)):
             trial = resize_axes(spec, feeds, sizes)
             ref = framework.predict(model, spec, trial)
-            cand = onnx_runtime.run(sess, trial)
+            cand = runner.run(trial)
             sweep.append({"sizes": sizes, "outputs": {n: parity.compare(r, c) for n, r, c in zip(names, ref, cand)}})
             sweep_arrays.update({f"{index}/reference/{n}": r for n, r in zip(names, ref)})
             sweep_arrays.update({f"{index}/candidate/{n}": c for n, c in zip(names, cand)})
@@ -133,11 +121,10 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     timings = {}
     for batch in settings["batch_sizes"]:
         batch_feeds = batch_of(spec, feeds, batch)
-        ort_feeds = onnx_runtime.feeds_for(sess, batch_feeds)
         measured = latency.measure(
             {
                 "original": framework.runner(model, spec, batch_feeds),
-                "onnxruntime": lambda: sess.run(None, ort_feeds),
+                "onnxruntime": runner.call(batch_feeds),
             },
             batch=batch,
             warmup=settings["warmup"],
@@ -152,7 +139,8 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     metrics = {
         "framework": flavor,
         "threads": threads,
-        "machine": _machine(),
+        "session": session,
+        "machine": machine.describe(),
         "samples": int(next(iter(feeds.values())).shape[0]),
         "outputs": outputs,
         "shape_sweep": sweep,

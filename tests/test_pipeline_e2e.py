@@ -65,7 +65,9 @@ def test_bundle_model_reproduces_the_validated_outputs(built):
         config = json.loads((bundle / "session_config.json").read_text())
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, config["session_options"]["graph_optimization_level"])
-        session = ort.InferenceSession(str(bundle / config["model"]), options, providers=config["providers"])
+        options.intra_op_num_threads = config["session_options"]["intra_op_num_threads"]
+        session = ort.InferenceSession(str(bundle / config["model"]), options, providers=config["providers"],
+                                       provider_options=config["provider_options"])
         with np.load(bundle / "sample_inputs.npz") as inputs, np.load(bundle / "sample_outputs.npz") as expected:
             got = session.run(None, {name: inputs[name] for name in inputs.files})
             for name, array in zip(config["outputs"], got):

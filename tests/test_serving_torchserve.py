@@ -57,6 +57,7 @@ def handler(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
+    from stages import onnx_runtime
     from stages.targets import torchserve_handler
 
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
@@ -69,7 +70,7 @@ def handler(tmp_path):
         "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "seq"]} for n in ("input_ids", "attention_mask")],
         "outputs": ["summed"],
         "batch_dynamic": True,
-        "threads": 1,
+        "session": onnx_runtime.default_settings(threads=1),
     }
     (tmp_path / "kiln_handler.json").write_text(json.dumps(spec))
     served = torchserve_handler.OnnxRuntimeHandler()

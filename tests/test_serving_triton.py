@@ -29,6 +29,7 @@ import pytest
 
 from conftest import RECIPES, ROOT, base_env, derive_recipe, free_port, kiln, run_json
 from pipeline.errors import ModelError
+from stages import onnx_runtime
 from stages.targets import TargetContext, triton
 from stages.tensors import ModelSpec, TensorSpec
 
@@ -67,7 +68,7 @@ def _ctx(tmp_path: Path, batch) -> TargetContext:
         samples={"x": x},
         expected={"y": np.maximum(x, 0)},
         reference={"y": np.maximum(x, 0)},
-        metrics={"threads": 2, "latency": {"1": {"onnxruntime": {"p95_ms": 0.5}}, "8": {"onnxruntime": {"p95_ms": 2.0}}}},
+        metrics={"threads": 2, "session": onnx_runtime.default_settings(threads=2), "latency": {"1": {"onnxruntime": {"p95_ms": 0.5}}, "8": {"onnxruntime": {"p95_ms": 2.0}}}},
         latency_gates={"max_p95_ms": 10.0, "min_speedup": None},
         source_options={},
         bundle_dest=tmp_path / "bundle",
@@ -210,7 +211,8 @@ def test_config_parses_into_model_config_and_matches_the_onnx_graph(built, name)
     assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
     metrics = json.loads((bundle / "manifest.json").read_text())["metrics"]
     parameters = {k: v.string_value for k, v in config.parameters.items()}
-    assert parameters == {"intra_op_thread_count": str(metrics["threads"]), "inter_op_thread_count": "1", "execution_mode": "0"}
+    threads = metrics["session"]["session_options"]["intra_op_num_threads"]
+    assert parameters == {"intra_op_thread_count": str(threads), "inter_op_thread_count": "1", "execution_mode": "0"}
     assert config.optimization.graph.level == 2  # ORT_DISABLE_ALL in onnxruntime_backend: as validated
     # warm-up: the first sample at batch 1 and at the max batch, from raw files that hold exactly one sample
     assert [(w.name, w.batch_size) for w in config.model_warmup] == [

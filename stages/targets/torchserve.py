@@ -2,7 +2,7 @@
 
     serving/torchserve/
       model-store/<name>.mar      built by torch-model-archiver: model.onnx, the onnxruntime handler
-                                  (torchserve_handler.py), kiln_handler.json (I/O spec, threads), model-config.yaml
+                                  (torchserve_handler.py), kiln_handler.json (I/O spec, session settings), model-config.yaml
       model-config.yaml           the batch and worker settings packed into the .mar (a copy to read)
       config.properties           listens on the recipe's address (127.0.0.1 by default), token authorization
                                   on, model registration API off, allowed_urls limited to the model store, and
@@ -98,7 +98,7 @@ def handler_spec(ctx: TargetContext, inputs: list[dict], outputs: list[dict], ba
         ],
         "outputs": [t["name"] for t in outputs],
         "batch_dynamic": batch_dynamic,
-        "threads": int(ctx.metrics["threads"]),
+        "session": ctx.metrics["session"],
     }
 
 

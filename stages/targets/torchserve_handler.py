@@ -36,14 +36,17 @@ class OnnxRuntimeHandler:
         model_dir = context.system_properties["model_dir"]
         with open(os.path.join(model_dir, SPEC_FILE)) as handle:
             self.spec = json.load(handle)
+        # Exactly the session settings the model was validated (and tuned) with.
+        session = self.spec["session"]
+        chosen = session["session_options"]
         options = ort.SessionOptions()
-        # The model is already optimized offline; these are the settings it was validated with.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.intra_op_num_threads = int(self.spec["threads"])
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, chosen["graph_optimization_level"])
+        options.intra_op_num_threads = int(chosen["intra_op_num_threads"])
+        options.inter_op_num_threads = int(chosen["inter_op_num_threads"])
+        options.execution_mode = getattr(ort.ExecutionMode, chosen["execution_mode"])
         model_file = context.manifest["model"]["serializedFile"]
-        self.session = ort.InferenceSession(os.path.join(model_dir, model_file), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(os.path.join(model_dir, model_file), options,
+                                            providers=session["providers"], provider_options=session["provider_options"])
         self.initialized = True
 
     def handle(self, data, context):

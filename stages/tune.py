@@ -1,0 +1,278 @@
+"""tune: for one hardware target, find the fastest candidate artifact and session settings that pass the parity
+gates, by measuring. Nothing is assumed about what is fast (INT8 dynamic can be slower than FP32 on a CNN; the
+dynamo export can fuse less than TorchScript): every candidate the target's profile allows is measured.
+
+1. Parity: every candidate (exporter x fusion x precision, built by earlier steps) runs under this target's
+   provider on the validation inputs and is judged against the original framework's outputs. Failing
+   candidates stay in the table with their reason, and out of the race.
+2. Screening: each passing candidate is timed with the target's first settings.
+3. Search: for the best `top_candidates`, one setting at a time (provider options, threads, execution mode,
+   graph level, IO binding), keeping a change when it lowers the objective.
+4. Final: the best few configurations are timed again, interleaved, with more runs; the lowest objective wins.
+
+Trials count against max_trials and the wall-time budget; what the budget cut is recorded. The winner's model
+and a session_config.json that reproduces its settings exactly are the step's output; tune.json holds every
+trial, the Pareto front (latency vs error vs size) and the machine. A target whose provider is missing here is
+skipped with the reason (an error only for the target the recipe publishes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ModelError
+from pipeline.versions import onnxruntime_distribution
+from stages import gate, latency, machine, onnx_runtime
+from stages.tensors import ModelSpec, batch_of, load_arrays
+
+VERSION = 1
+CHUNK = 64
+FINALISTS = 3
+MARGIN = 0.02  # a setting must beat the current best by this fraction to be kept (timing noise)
+
+
+def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+    return ["numpy", "onnx", onnxruntime_distribution()]
+
+
+def _threads(profile: dict, cores: int) -> list[int]:
+    return profile["threads"] or sorted({cores, max(1, cores // 2)}, reverse=True)
+
+
+def _outputs(runner: onnx_runtime.Runner, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    count = next(iter(feeds.values())).shape[0]
+    step = CHUNK if spec.batch_axis_named else count
+    names = [o.name for o in runner.session(feeds).get_outputs()]
+    parts = [runner.run({k: v[s : s + step] for k, v in feeds.items()}) for s in range(0, count, step)]
+    return {n: np.concatenate([p[i] for p in parts], axis=0) if len(parts) > 1 else parts[0][i]
+            for i, n in enumerate(names)}
+
+
+def _error(metrics: dict) -> dict:
+    outputs = metrics["outputs"].values()
+    cosines = [o.get("mean_row_cosine", o["cosine"]) for o in outputs]
+    return {"min_cosine": float(min(o["cosine"] for o in outputs)), "mean_cosine": float(min(cosines)),
+            "max_abs_error": float(max(o["max_abs_error"] for o in outputs)),
+            "accuracy": (metrics.get("task") or {}).get("candidate")}
+
+
+def objective(per_batch: dict[str, dict], kind: str) -> float:
+    """Geometric mean over batch sizes: p50/p95 ms per call, or ms per item for throughput."""
+    if kind == "throughput":
+        values = [1000.0 / t["throughput_per_s"] for t in per_batch.values()]
+    else:
+        values = [t[f"{kind}_ms"] for t in per_batch.values()]
+    return float(math.exp(sum(math.log(v) for v in values) / len(values)))
+
+
+class _Search:
+    def __init__(self, config: dict, spec: ModelSpec, feeds: dict[str, np.ndarray], started: float):
+        self.config, self.spec, self.feeds, self.started = config, spec, feeds, started
+        self.budget, self.measure = config["budget"], config["measure"]
+        self.trials: list[dict] = []
+        self.stopped: str | None = None
+
+    def exhausted(self) -> bool:
+        if len(self.trials) >= self.budget["max_trials"]:
+            self.stopped = f"max_trials {self.budget['max_trials']} reached"
+        elif time.perf_counter() - self.started > self.budget["time_budget_s"]:
+            self.stopped = f"time_budget_s {self.budget['time_budget_s']} used"
+        return self.stopped is not None
+
+    def _calls(self, path: Path, settings: dict) -> dict[str, object]:
+        runner = onnx_runtime.Runner(path, settings)
+        return {str(b): runner.call(batch_of(self.spec, self.feeds, b)) for b in self.config["batch_sizes"]}
+
+    def trial(self, candidate: str, path: Path, settings: dict, label: str) -> dict:
+        """Time one (artifact, settings) pair at every batch size; runs sized to the trial's time."""
+        row = {"candidate": candidate, "settings": settings, "label": label}
+        try:
+            calls = self._calls(path, settings)
+            per_batch = {}
+            for batch, call in calls.items():
+                begin = time.perf_counter()
+                call()
+                once = max(time.perf_counter() - begin, 1e-6)
+                iterations = int(min(self.measure["iterations"], max(5, self.measure["trial_seconds"] / once)))
+                timed = latency.measure({"c": call}, batch=int(batch), warmup=self.measure["warmup"],
+                                        iterations=iterations, rounds=1)["c"]
+                per_batch[batch] = {k: timed[k] for k in ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s",
+                                                          "iterations")}
+            row.update(latency=per_batch, objective=objective(per_batch, self.config["objective"]))
+        except Exception as exc:  # noqa: BLE001 - a setting the provider rejects is a result, not a crash
+            row.update(latency=None, objective=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        self.trials.append(row)
+        return row
+
+    def final(self, finalists: list[dict], paths: dict[str, Path]) -> None:
+        """The best configurations again, interleaved in the same rounds, so drift hits them alike."""
+        runners = [onnx_runtime.Runner(paths[t["candidate"]], t["settings"]) for t in finalists]
+        for t in finalists:
+            t["final"] = {}
+        for batch in self.config["batch_sizes"]:
+            feeds = batch_of(self.spec, self.feeds, batch)
+            calls = {str(i): r.call(feeds) for i, r in enumerate(runners)}
+            slowest = max(t["latency"][str(batch)]["p50_ms"] for t in finalists) / 1000
+            iterations = int(min(self.measure["final_iterations"],
+                                 max(10, self.measure["final_seconds"] / (slowest * len(finalists)))))
+            measured = latency.measure(calls, batch=batch, warmup=self.measure["warmup"], iterations=iterations,
+                                       rounds=5)
+            for i, t in enumerate(finalists):
+                t["final"][str(batch)] = {k: measured[str(i)][k] for k in
+                                          ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s", "iterations")}
+        for t in finalists:
+            t["final_objective"] = objective(t["final"], self.config["objective"])
+
+
+def _knobs(profile: dict, cores: int) -> list[tuple[str, list]]:
+    return [
+        ("provider_options", list(range(len(profile["provider_options"])))),
+        ("threads", _threads(profile, cores)),
+        ("execution_mode", profile["execution_modes"]),
+        ("graph_level", profile["graph_levels"]),
+        ("io_binding", profile["io_binding"]),
+    ]
+
+
+def _settings(profile: dict, choice: dict, engine_cache: Path) -> dict:
+    options = dict(profile["provider_options"][choice["provider_options"]])
+    if options.get("trt_engine_cache_enable") == "1":
+        options.setdefault("trt_engine_cache_path", str(engine_cache))
+    return onnx_runtime.settings(profile["provider"], options, choice["threads"], choice["execution_mode"],
+                                 choice["graph_level"], choice["io_binding"], profile["fixed_shapes"])
+
+
+def pareto(rows: list[dict]) -> list[str]:
+    """Candidates no other candidate beats on latency, error and size at once."""
+    points = [(r["candidate"], r["objective"], 1.0 - r["error"]["mean_cosine"], r["bytes"]) for r in rows]
+    front = []
+    for cid, lat, err, size in points:
+        dominated = any(o_lat <= lat and o_err <= err and o_size <= size and (o_lat, o_err, o_size) != (lat, err, size)
+                        for _, o_lat, o_err, o_size in points)
+        if not dominated:
+            front.append(cid)
+    return front
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    started = time.perf_counter()
+    target, profile = config["target"], config["profile"]
+    here = machine.describe()
+    record: dict = {"target": target, "provider": profile["provider"], "machine": here,
+                    "objective": config["objective"], "batch_sizes": config["batch_sizes"]}
+    reason = machine.unavailable_reason(profile["provider"], here)
+    if reason:
+        if config["publish"]:
+            raise ModelError(f"tune.publish: target {target!r} cannot be tuned on this machine: {reason}")
+        record["skipped"] = reason
+        (out / "tune.json").write_text(json.dumps(record, indent=2))
+        return {"target": target, "skipped": reason}
+
+    spec = ModelSpec.load(inputs["data"] / "spec.json")
+    feeds = load_arrays(inputs["data"] / "inputs.npz")
+    labels_file = inputs["data"] / "labels.npz"
+    labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
+    reference = load_arrays(inputs["reference"] / "reference.npz")
+    cores = here["cores"]
+    first = {knob: values[0] for knob, values in _knobs(profile, cores)}
+    engine_cache = out.parent / "trt-cache"  # beside out/: engines are not part of the result
+
+    # 1. parity under this target's provider
+    rows, paths = [], {}
+    for cid, what in config["candidates"].items():
+        path = inputs[f"cand.{cid}"] / "model.onnx"
+        paths[cid] = path
+        row = {"candidate": cid, **{k: what[k] for k in ("exporter", "precision", "variant")},
+               "fusion": what["fusion"], "bytes": path.stat().st_size}
+        try:
+            runner = onnx_runtime.Runner(path, _settings(profile, first, engine_cache))
+            found, metrics = gate.judge_parity(_outputs(runner, spec, feeds), reference, labels, what["gates"])
+            failed = [v for v in found if not v["passed"]]
+            row.update(error=_error(metrics), passed=not failed, reason=failed[0]["message"] if failed else None)
+        except Exception as exc:  # noqa: BLE001 - a candidate this provider cannot run is out of the race
+            row.update(error=None, passed=False, reason=f"does not run: {type(exc).__name__}: "
+                                                       f"{str(exc).splitlines()[0][:200]}")
+        rows.append(row)
+    passing = [r for r in rows if r["passed"]]
+    if not passing:
+        reasons = "; ".join(f"{r['candidate']}: {r['reason']}" for r in rows[:3])
+        raise ModelError(f"tune.{target}: no candidate passes the parity gates ({reasons})")
+
+    # 2. screening with the target's first settings, 3. one-knob-at-a-time search on the best
+    search = _Search(config, spec, feeds, started)
+    for row in passing:
+        if search.exhausted():
+            row["screened"] = False
+            continue
+        search.trial(row["candidate"], paths[row["candidate"]], _settings(profile, first, engine_cache), "screen")
+    screened = sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"])
+    if not screened:
+        raise ModelError(f"tune.{target}: no candidate could be timed ({search.trials[0].get('error')})")
+    for best in screened[: config["budget"]["top_candidates"]]:
+        choice, current = dict(first), best
+        for knob, values in _knobs(profile, cores):
+            for value in values:
+                if value == choice[knob] or search.exhausted():
+                    continue
+                trial = search.trial(best["candidate"], paths[best["candidate"]],
+                                     _settings(profile, {**choice, knob: value}, engine_cache), f"{knob}={value}")
+                if trial["objective"] is not None and trial["objective"] < current["objective"] * (1 - MARGIN):
+                    choice, current = {**choice, knob: value}, trial
+        current["choice"] = choice
+
+    # 4. the best distinct configurations, timed again side by side
+    seen, finalists = set(), []
+    for t in sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"]):
+        key = (t["candidate"], json.dumps(t["settings"], sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            finalists.append(t)
+        if len(finalists) == FINALISTS:
+            break
+    search.final(finalists, paths)
+    winner = min(finalists, key=lambda t: t["final_objective"])
+
+    by_candidate = {}
+    for t in search.trials:
+        if t["objective"] is not None:
+            score = t.get("final_objective", t["objective"])
+            if t["candidate"] not in by_candidate or score < by_candidate[t["candidate"]]["objective"]:
+                by_candidate[t["candidate"]] = {"objective": score, "latency": t.get("final") or t["latency"],
+                                                "label": t["label"]}
+    for row in rows:
+        best = by_candidate.get(row["candidate"])
+        row["objective"] = best["objective"] if best else None
+        row["latency"] = best["latency"] if best else None
+    front = pareto([r for r in rows if r["objective"] is not None])
+    for row in rows:
+        row["pareto"] = row["candidate"] in front
+        row["winner"] = row["candidate"] == winner["candidate"]
+
+    chosen = next(r for r in rows if r["winner"])
+    settings = winner["settings"]
+    if settings["session_options"]["graph_optimization_level"] == onnx_runtime.LEVELS["disabled"]:
+        shutil.copyfile(paths[winner["candidate"]], out / "model.onnx")
+    else:
+        settings = onnx_runtime.bake(paths[winner["candidate"]], settings, out / "model.onnx")
+    (out / "session_config.json").write_text(json.dumps(settings, indent=2))
+    record.update({
+        "candidates": rows,
+        "trials": search.trials,
+        "winner": {"candidate": winner["candidate"], "settings": settings, "measured_with": winner["settings"],
+                   "latency": winner["final"],
+                   "objective": winner["final_objective"], "variant": chosen["variant"],
+                   "precision": chosen["precision"], "exporter": chosen["exporter"],
+                   "gates": config["candidates"][winner["candidate"]]["gates"]},
+        "budget": {"trials": len(search.trials), "seconds": round(time.perf_counter() - started, 1),
+                   "stopped": search.stopped},
+    })
+    (out / "tune.json").write_text(json.dumps(record, indent=2))
+    return {"target": target, "skipped": None, "winner": winner["candidate"],
+            "objective_ms": round(winner["final_objective"], 4), "trials": len(search.trials),
+            "candidates": len(rows), "passing": len(passing)}
