@@ -136,8 +136,8 @@ def _tuning_steps(recipe: Recipe, validate: str, source_options: dict) -> list[S
                 candidates[f"{base}.fp32"] = (optimized, {**described, "precision": "fp32", "variant": "fp32",
                                                           "gates": recipe.gates.parity.model_dump(mode="json")})
             for variant in precisions:
-                auto = variant in DEFAULT_PRECISIONS and tune.gates
-                gates = (variant.gates or (tune.gates if auto else recipe.gates.parity)).model_dump(mode="json")
+                default = tune.gates if tune.gates and variant in DEFAULT_PRECISIONS else recipe.gates.parity
+                gates = (variant.gates or default).model_dump(mode="json")
                 if own and variant in recipe.variants:
                     quantized = f"{name}:quantize.{variant.name}"
                 else:

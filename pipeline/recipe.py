@@ -402,8 +402,9 @@ def validation_problems(error: ValidationError) -> list[str]:
             message = item["msg"].removeprefix("Value error, ")
             # A section's cross-field check names its field first ("publish: ..."): join it to the path.
             field = re.match(r"^([a-z_][a-z_0-9]*): ", message)
-            if field and path != "(recipe)":
-                path, message = f"{path}.{field[1]}", message[field.end():]
+            if field:
+                path = field[1] if path == "(recipe)" else f"{path}.{field[1]}"
+                message = message[field.end():]
             problems.append(f"{path}: {message}")
     return problems
 

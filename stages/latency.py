@@ -6,9 +6,13 @@ of its timed rounds, for its peak (both runtimes share the process, so it is the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -43,6 +47,21 @@ class _PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_mb())
+
+
+LOCK = Path(tempfile.gettempdir()) / "kiln-latency.lock"
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path = LOCK):
+    """This machine's measuring lock, held while timing: two steps (or two kiln runs) timing at once on shared
+    cores would each measure the other. Parallel steps still build in parallel; only their timing queues."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def median_ci(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:

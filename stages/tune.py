@@ -204,39 +204,40 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         reasons = "; ".join(f"{r['candidate']}: {r['reason']}" for r in rows[:3])
         raise ModelError(f"tune.{target}: no candidate passes the parity gates ({reasons})")
 
-    # 2. screening with the target's first settings, 3. one-knob-at-a-time search on the best
-    search = _Search(config, spec, feeds, started)
-    for row in passing:
-        if search.exhausted():
-            row["screened"] = False
-            continue
-        search.trial(row["candidate"], paths[row["candidate"]], _settings(profile, first, engine_cache), "screen")
-    screened = sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"])
-    if not screened:
-        raise ModelError(f"tune.{target}: no candidate could be timed ({search.trials[0].get('error')})")
-    for best in screened[: config["budget"]["top_candidates"]]:
-        choice, current = dict(first), best
-        for knob, values in _knobs(profile, cores):
-            for value in values:
-                if value == choice[knob] or search.exhausted():
-                    continue
-                trial = search.trial(best["candidate"], paths[best["candidate"]],
-                                     _settings(profile, {**choice, knob: value}, engine_cache), f"{knob}={value}")
-                if trial["objective"] is not None and trial["objective"] < current["objective"] * (1 - MARGIN):
-                    choice, current = {**choice, knob: value}, trial
-        current["choice"] = choice
+    with latency.exclusive():  # the budget's clock starts once this step has the machine to itself
+        # 2. screening with the target's first settings, 3. one-knob-at-a-time search on the best
+        search = _Search(config, spec, feeds, time.perf_counter())
+        for row in passing:
+            if search.exhausted():
+                row["screened"] = False
+                continue
+            search.trial(row["candidate"], paths[row["candidate"]], _settings(profile, first, engine_cache), "screen")
+        screened = sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"])
+        if not screened:
+            raise ModelError(f"tune.{target}: no candidate could be timed ({search.trials[0].get('error')})")
+        for best in screened[: config["budget"]["top_candidates"]]:
+            choice, current = dict(first), best
+            for knob, values in _knobs(profile, cores):
+                for value in values:
+                    if value == choice[knob] or search.exhausted():
+                        continue
+                    trial = search.trial(best["candidate"], paths[best["candidate"]],
+                                         _settings(profile, {**choice, knob: value}, engine_cache), f"{knob}={value}")
+                    if trial["objective"] is not None and trial["objective"] < current["objective"] * (1 - MARGIN):
+                        choice, current = {**choice, knob: value}, trial
+            current["choice"] = choice
 
-    # 4. the best distinct configurations, timed again side by side
-    seen, finalists = set(), []
-    for t in sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"]):
-        key = (t["candidate"], json.dumps(t["settings"], sort_keys=True))
-        if key not in seen:
-            seen.add(key)
-            finalists.append(t)
-        if len(finalists) == FINALISTS:
-            break
-    search.final(finalists, paths)
-    winner = min(finalists, key=lambda t: t["final_objective"])
+        # 4. the best distinct configurations, timed again side by side
+        seen, finalists = set(), []
+        for t in sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"]):
+            key = (t["candidate"], json.dumps(t["settings"], sort_keys=True))
+            if key not in seen:
+                seen.add(key)
+                finalists.append(t)
+            if len(finalists) == FINALISTS:
+                break
+        search.final(finalists, paths)
+        winner = min(finalists, key=lambda t: t["final_objective"])
 
     by_candidate = {}
     for t in search.trials:

@@ -119,22 +119,23 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                                          config["localize"]["tolerance"])
 
     timings = {}
-    for batch in settings["batch_sizes"]:
-        batch_feeds = batch_of(spec, feeds, batch)
-        measured = latency.measure(
-            {
-                "original": framework.runner(model, spec, batch_feeds),
-                "onnxruntime": runner.call(batch_feeds),
-            },
-            batch=batch,
-            warmup=settings["warmup"],
-            iterations=settings["iterations"],
-            target_ci=settings["target_ci"],
-            max_iterations=settings["max_iterations"],
-            time_budget_s=settings["time_budget_s"],
-        )
-        measured["speedup_p50"] = measured["original"]["p50_ms"] / measured["onnxruntime"]["p50_ms"]
-        timings[str(batch)] = measured
+    with latency.exclusive():
+        for batch in settings["batch_sizes"]:
+            batch_feeds = batch_of(spec, feeds, batch)
+            measured = latency.measure(
+                {
+                    "original": framework.runner(model, spec, batch_feeds),
+                    "onnxruntime": runner.call(batch_feeds),
+                },
+                batch=batch,
+                warmup=settings["warmup"],
+                iterations=settings["iterations"],
+                target_ci=settings["target_ci"],
+                max_iterations=settings["max_iterations"],
+                time_budget_s=settings["time_budget_s"],
+            )
+            measured["speedup_p50"] = measured["original"]["p50_ms"] / measured["onnxruntime"]["p50_ms"]
+            timings[str(batch)] = measured
 
     metrics = {
         "framework": flavor,

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,21 @@ def test_latency_measure_interleaves_and_counts():
     assert result["a"]["p50_ms"] <= result["a"]["p95_ms"] <= result["a"]["p99_ms"]
     assert result["a"]["throughput_per_s"] > 0
     assert len(result["a"]["samples_ms"]) == 100 and result["a"]["peak_rss_mb"] > 0
+
+
+def test_timing_holds_the_machine_wide_measuring_lock(tmp_path):
+    """While one step times, another process's attempt to take the lock fails: timing is queued, not mixed."""
+    import subprocess
+    import sys
+
+    probe = ("import fcntl, sys; h = open(sys.argv[1], 'a')\n"
+             "try:\n    fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+             "except BlockingIOError:\n    print('held')")
+    lock = str(tmp_path / "kiln-latency.lock")
+    with latency.exclusive(Path(lock)):
+        inside = subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True).stdout.strip()
+    after = subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True).stdout.strip()
+    assert (inside, after) == ("held", "free")
 
 
 def test_latency_iterations_adapt_to_noise():

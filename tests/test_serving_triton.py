@@ -133,7 +133,7 @@ def test_recipe_refuses_preferred_above_max_and_mismatched_accelerator(tmp_path)
         "targets": ["triton"], "triton": {"max_batch_size": 8, "preferred_batch_sizes": [16]}}})
     result = kiln("validate", str(recipe))
     assert result.returncode == 2
-    assert "serving.triton: preferred_batch_sizes: 16 is above max_batch_size (8)" in result.stderr
+    assert "serving.triton.preferred_batch_sizes: 16 is above max_batch_size (8)" in result.stderr
     derive_recipe(recipe, recipe, {"serving": {"triton": {"preferred_batch_sizes": [], "accelerator": "tensorrt"}}})
     result = kiln("validate", str(recipe))
     assert result.returncode == 2 and "set instance_kind: gpu" in result.stderr
