@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -83,8 +84,6 @@ def unschedulable(needs: dict[str, float], nodes: list[dict]) -> str | None:
 
 def _worker(task: Task) -> dict[str, Any]:
     """What a Ray worker runs for one step."""
-    import socket
-
     from pipeline.versions import versions
 
     here = versions(list(task.tools))
@@ -97,28 +96,31 @@ def _worker(task: Task) -> dict[str, Any]:
     return execute(task, worker={"host": socket.gethostname(), "pid": os.getpid()})
 
 
+def _check_reachable(address: str) -> None:
+    """Ray waits minutes for an address where nothing listens; a plain connect says so in seconds."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # `auto`: Ray looks for a cluster started on this machine and says at once if there is none
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise BadInput(f"--executor ray={address}: nothing answers at {host}:{port} ({exc.strerror or exc}); "
+                       "start a cluster there with `ray start --head` or fix the address") from None
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 class RayExecutor:
+    """Joins (or starts) the cluster at the first step that has to run, so an all-cached run starts nothing."""
+
     def __init__(self, address: str | None = None, jobs: int = 1, store_url: str | None = None):
-        import ray
+        import ray  # here, so a missing Ray is reported before anything runs
 
         self._ray = ray
-        self._owns = not ray.is_initialized()  # a caller that already joined a cluster keeps it
-        if self._owns:
-            try:
-                if address:
-                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-                else:
-                    ray.init(num_cpus=jobs, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE,
-                             log_to_driver=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise BadInput(f"--executor ray={address}: no Ray cluster reachable there ({_first_line(exc)}); "
-                               "start one with `ray start --head` and pass the address it prints") from None
-        self.capacity = max(jobs, int(ray.cluster_resources().get("CPU", 1)))
-        self.store_url = store_url
+        self.address, self.jobs, self.store_url = address, jobs, store_url
+        self._owns: bool | None = None  # None: not connected yet
         cache = os.environ.get("KILN_RAY_WORKER_CACHE") or os.path.join(tempfile.gettempdir(), "kiln-ray-cache")
         self.worker_store = os.path.join(cache, hashlib.sha256((store_url or "").encode()).hexdigest()[:16])
         self._remote = ray.remote(max_retries=RETRIES, retry_exceptions=False)(_worker)
@@ -127,7 +129,35 @@ class RayExecutor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def capacity(self) -> int:
+        """Steps in flight: --jobs, or the cluster's CPU count once joined if that is more (Ray queues the rest)."""
+        if self._owns is None:
+            return self.jobs
+        return max(self.jobs, int(self._ray.cluster_resources().get("CPU", 1)))
+
+    def _connect(self) -> None:
+        if self._owns is not None:
+            return
+        ray, address = self._ray, self.address
+        self._owns = not ray.is_initialized()  # a caller that already joined a cluster keeps it
+        if not self._owns:
+            return
+        try:
+            if address:
+                _check_reachable(address)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                # address="local": always a new cluster of our own, never one found on this machine
+                ray.init(address="local", num_cpus=self.jobs, include_dashboard=False,
+                         object_store_memory=LOCAL_OBJECT_STORE, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._owns = False
+            raise BadInput(f"--executor ray={address}: no Ray cluster reachable there ({_first_line(exc)}); "
+                           "start one with `ray start --head` and pass the address it prints") from None
+
     def submit(self, task: Task) -> Future:
+        self._connect()
         future: Future = Future()
         needs = ray_needs(task.resources)
         reason = unschedulable(needs, self._ray.nodes())
@@ -200,3 +230,4 @@ class RayExecutor:
             future.cancel()
         if self._owns:
             self._ray.shutdown()
+        self._owns = None

@@ -193,3 +193,15 @@ def test_a_step_no_node_can_take_fails_its_recipes_at_once(ray_cluster, registry
     assert {s.stage: s.status for s in failed.steps}["optimize"] == "failed"
     assert {s.stage: s.status for s in failed.steps}["publish"] == "skipped"
     assert failed.bundle is None and not (tmp_path / "artifacts" / "bundles" / "digits-gpu").exists()
+
+
+def test_an_address_where_no_cluster_listens_is_refused_in_seconds(registry, tmp_path):
+    recipe = _digits(tmp_path, "digits-nowhere")
+    started = time.monotonic()
+    result = kiln("run", str(recipe), "--tracking-uri", registry, "--artifacts", str(tmp_path / "a"),
+                  "--executor", "ray=127.0.0.1:1", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 60
+    lines = [line for line in result.stderr.splitlines() if line.startswith("kiln:")]
+    assert lines == ["kiln: error: --executor ray=127.0.0.1:1: nothing answers at 127.0.0.1:1 (Connection refused); "
+                     "start a cluster there with `ray start --head` or fix the address"]
