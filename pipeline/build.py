@@ -52,11 +52,13 @@ def plan_all(paths, settings: Settings, model: str | None = None, version: str |
     return plans
 
 
-def build(plans: list[RecipePlan], settings: Settings, executor: str = "local", jobs: int = 1,
+def build(plans: list[RecipePlan], settings: Settings, executor: str | None = None, jobs: int | None = None,
           on_event: Callable | None = None, warn: Callable[[str], None] = print) -> RunSummary:
     from pipeline.writeback import record_failure
 
-    runner = Runner(settings, make_executor(executor, jobs), on_event)
+    # Unless given here, where steps run comes from the settings (so `watch` and `ci` builds use it too).
+    executor = make_executor(executor or settings.executor, jobs or settings.jobs, settings.store_url)
+    runner = Runner(settings, executor, on_event)
     summary = runner.run(plans)
     by_name = {p.name: p for p in plans}
     for outcome in summary.recipes:

@@ -9,7 +9,7 @@ from pipeline.runner import RunSummary
 
 def junit_xml(summary: RunSummary) -> str:
     failures = sum(1 for r in summary.recipes if r.status == "gate_failed")
-    errors = sum(1 for r in summary.recipes if r.status in ("bad_input", "crashed"))
+    errors = sum(1 for r in summary.recipes if r.status not in ("passed", "gate_failed"))
     suite = ET.Element("testsuite", name="kiln", tests=str(len(summary.recipes)), failures=str(failures),
                        errors=str(errors), time=f"{summary.seconds:.3f}")
     for outcome in summary.recipes:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -65,6 +67,26 @@ def with_common(func):
     return func
 
 
+executor_options = [
+    click.option("--jobs", default=1, show_default=True, help="Steps run at once (latency is measured best with 1)"),
+    click.option("--executor", default="local", show_default=True,
+                 help="local (worker processes), inline, or ray[=ADDRESS] (Ray tasks; see README, Running on Ray)"),
+    click.option("--store-url", envvar="KILN_STORE_URL",
+                 help="fsspec URL of a shared step store, for workers that share no disk (file://, s3://, ...)"),
+]
+
+
+def with_executor(func):
+    for option in reversed(executor_options):
+        func = option(func)
+    return func
+
+
+def _settings(artifacts, tracking_uri, executor="local", jobs=1, store_url=None) -> Settings:
+    settings = Settings.from_env(artifacts, tracking_uri)
+    return replace(settings, executor=executor, jobs=jobs, store_url=store_url or settings.store_url)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="modelkiln", prog_name="kiln")
 def main() -> None:
@@ -75,14 +97,13 @@ def main() -> None:
 @click.argument("recipes", nargs=-1, required=True)
 @with_common
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout")
-@click.option("--jobs", default=1, show_default=True, help="Steps run at once (latency is measured best with 1)")
-@click.option("--executor", default="local", show_default=True, help="local (worker processes) or inline")
+@with_executor
 @_guard
-def run(recipes, artifacts, tracking_uri, as_json, jobs, executor) -> None:
+def run(recipes, artifacts, tracking_uri, as_json, jobs, executor, store_url) -> None:
     """Build RECIPES (files or folders): fetch, export, optimize, validate, gate, publish."""
     from pipeline.build import build
 
-    settings = Settings.from_env(artifacts, tracking_uri)
+    settings = _settings(artifacts, tracking_uri, executor, jobs, store_url)
     plans = _plans(recipes, settings)
     console = _console()
 
@@ -96,7 +117,9 @@ def run(recipes, artifacts, tracking_uri, as_json, jobs, executor) -> None:
         elif kind == "failed":
             console.print(f"  [red]✗[/] {outcome.step:<32} failed")
 
-    summary = build(plans, settings, executor, jobs, on_event, warn=lambda m: click.echo(m, err=True))
+    # stdout carries only the --json summary: what libraries print meanwhile (Ray's notices) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = build(plans, settings, on_event=on_event, warn=lambda m: click.echo(m, err=True))
     _print_outcomes(console, summary)
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2, default=str))
@@ -223,13 +246,14 @@ def report(bundle: Path, as_html: bool, open_it: bool) -> None:
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML here")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)")
+@with_executor
 @_guard
-def ci(recipes, artifacts, tracking_uri, model, model_version, junit, summary_path) -> None:
+def ci(recipes, artifacts, tracking_uri, model, model_version, junit, summary_path, jobs, executor, store_url) -> None:
     """CI mode: build the recipes a model version affects (or all); JUnit XML and Markdown; non-zero on failure."""
     from pipeline.build import build, plan_all
     from pipeline.ci import junit_xml, markdown
 
-    settings = Settings.from_env(artifacts, tracking_uri)
+    settings = _settings(artifacts, tracking_uri, executor, jobs, store_url)
     plans = plan_all(recipes, settings, model=model, version=model_version)
     if not plans:
         click.echo(f"kiln ci: no recipe follows {model or 'anything'}{' v' + model_version if model_version else ''}")
@@ -248,12 +272,13 @@ def ci(recipes, artifacts, tracking_uri, model, model_version, junit, summary_pa
 @with_common
 @click.option("--interval", default=30.0, show_default=True, help="Seconds between registry polls")
 @click.option("--once", is_flag=True, help="Poll once, build what is new, and exit")
+@with_executor
 @_guard
-def watch(recipes, artifacts, tracking_uri, interval, once) -> None:
+def watch(recipes, artifacts, tracking_uri, interval, once, jobs, executor, store_url) -> None:
     """Poll the registry; build each new version (or alias move) the RECIPES follow, once."""
     from pipeline.watch import watch as run_watch
 
-    settings = Settings.from_env(artifacts, tracking_uri)
+    settings = _settings(artifacts, tracking_uri, executor, jobs, store_url)
     run_watch(recipes, settings, interval, once, say=lambda m: click.echo(m, err=True))
 
 
@@ -306,9 +331,10 @@ def webhook_server(recipes, artifacts, tracking_uri, host, port, secret_env) -> 
 @_guard
 def verify_store(artifacts, tracking_uri) -> None:
     """Re-hash every store entry and report any that do not match their record."""
-    from pipeline.store import Store
+    from pipeline.store import open_store
 
-    store = Store(Settings.from_env(artifacts).store_root)
+    settings = Settings.from_env(artifacts)
+    store = open_store(settings.store_root, settings.store_url)  # with KILN_STORE_URL, the shared store too
     problems = store.verify()
     for problem in problems:
         click.echo(problem, err=True)

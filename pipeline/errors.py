@@ -40,3 +40,9 @@ class GateFailed(KilnError):
 
 class StageCrashed(KilnError):
     """A stage raised something unexpected; the message names the stage and the step key."""
+
+
+class Unschedulable(KilnError):
+    """No worker of the cluster offers the resources a step needs (e.g. a GPU target on CPU-only nodes)."""
+
+    status = "unschedulable"

@@ -1,6 +1,7 @@
 """Executors run one step each. The runner talks only to this interface, so a distributed executor can be
 added without touching any stage: it must run `execute(task)` somewhere that sees the store and return its
-result (or raise its error).
+result (or raise its error). With a store URL (Task.store_url) a worker needs no shared disk: `execute` pulls
+the inputs by key into the local store at `store_root` and pushes the outputs (pipeline/remote_store.py).
 
 `execute` is the whole life of a step on a worker: build into a private folder, commit atomically.
 """
@@ -11,13 +12,13 @@ import multiprocessing
 import time
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import KilnError, StageCrashed
 from pipeline.settings import quiet_environment
-from pipeline.store import Store
+from pipeline.store import open_store
 
 
 @dataclass(frozen=True)
@@ -32,22 +33,40 @@ class Task:
     tools: dict[str, str | None]
     store_root: str
     logs: str
+    resources: dict[str, float] = field(default_factory=dict)  # Step.resources; empty = 1 CPU
+    input_keys: dict[str, str] = field(default_factory=dict)  # input name -> the upstream entry's key
+    store_url: str | None = None  # the shared store; store_root is then this worker's cache of it
 
 
-def execute(task: Task) -> dict[str, Any]:
-    """Run a step and commit its outputs; returns the committed entry's meta."""
+def _inputs(task: Task, store) -> dict[str, Path]:
+    """Where the step reads its inputs: the upstream out folders, pulled into this worker's store if need be."""
+    if not task.store_url:
+        return {n: Path(p) for n, p in task.inputs.items()}
+    found = {}
+    for name, key in task.input_keys.items():
+        entry = store.lookup(key)
+        if entry is None or entry.output_hash != task.input_hashes[name]:
+            raise StageCrashed(f"{task.step_id}: input {name} (entry {key[:12]}) is not in {task.store_url} as the "
+                               "runner saw it; was the shared store cleaned during the run?")
+        found[name] = entry.out
+    return found
+
+
+def execute(task: Task, worker: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run a step and commit its outputs; returns the committed entry's meta (`worker`: where it ran)."""
     quiet_environment()
     from stages import load_stage
 
-    store = Store(Path(task.store_root))
+    store = open_store(Path(task.store_root), task.store_url)
     existing = store.lookup(task.key)
     if existing is not None:  # another worker finished the same key first
         return existing.meta
+    inputs = _inputs(task, store)
     folder = store.begin(task.key)
     started = time.perf_counter()
     try:
         stage = load_stage(task.stage)
-        summary = stage.run(task.config, {n: Path(p) for n, p in task.inputs.items()}, folder / "out", task.context)
+        summary = stage.run(task.config, inputs, folder / "out", task.context)
     except KilnError:
         store.abandon(folder)
         raise
@@ -68,6 +87,7 @@ def execute(task: Task) -> dict[str, Any]:
         "tools": task.tools,
         "summary": summary or {},
         "seconds": round(time.perf_counter() - started, 3),
+        **({"worker": worker} if worker else {}),
     }
     return store.commit(task.key, folder, meta).meta
 
@@ -121,11 +141,18 @@ class LocalProcessExecutor:
             self._pool = None
 
 
-def make_executor(name: str, jobs: int) -> Executor:
+def make_executor(name: str, jobs: int, store_url: str | None = None) -> Executor:
     if name == "local":
         return LocalProcessExecutor(jobs)
     if name == "inline":
         return InlineExecutor()
     from pipeline.errors import BadInput
 
-    raise BadInput(f"--executor {name}: unknown executor (known: local, inline)")
+    if name == "ray" or name.startswith("ray="):
+        from pipeline.ray_executor import RayExecutor  # imports ray only now
+
+        try:
+            return RayExecutor(name.partition("=")[2] or None, jobs, store_url)
+        except ImportError as exc:
+            raise BadInput(f"--executor {name}: Ray is not installed ({exc}); pip install 'modelkiln[ray]'") from None
+    raise BadInput(f"--executor {name}: unknown executor (known: local, inline, ray, ray=ADDRESS)")

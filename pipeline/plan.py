@@ -32,7 +32,9 @@ class Step:
     files: dict[str, str] = field(default_factory=dict)  # name -> external file whose content is keyed
     context: dict[str, Any] = field(default_factory=dict)  # not keyed: where things live
     after: list[str] = field(default_factory=list)  # steps that must finish first, whose outputs it does not read
-    resources: dict[str, float] = field(default_factory=dict)  # not keyed: what a worker needs (empty = 1 CPU)
+    # Not keyed: what a worker needs (num_cpus, num_gpus, memory in bytes, custom such as "target:cuda": 1);
+    # empty means 1 CPU. Distributed executors schedule by it; local ones ignore it.
+    resources: dict[str, float] = field(default_factory=dict)
 
     @property
     def id(self) -> str:

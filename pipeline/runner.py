@@ -19,7 +19,7 @@ from pipeline.errors import BadInput, GateFailed, KilnError, StageCrashed
 from pipeline.executor import Executor, Task
 from pipeline.plan import RecipePlan, Step, step_key, step_tools
 from pipeline.settings import Settings
-from pipeline.store import Entry, Store
+from pipeline.store import Entry, open_store
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RecipeOutcome:
     path: str
     source: str
     version: str
-    status: str = "passed"  # passed | gate_failed | bad_input | crashed
+    status: str = "passed"  # passed | gate_failed | bad_input | crashed | unschedulable
     reason: str | None = None
     bundle: str | None = None
     delivered: bool = False
@@ -83,7 +83,7 @@ Event = Callable[[str, StepOutcome], None]
 class Runner:
     def __init__(self, settings: Settings, executor: Executor, on_event: Event | None = None):
         self.settings = settings
-        self.store = Store(settings.store_root)
+        self.store = open_store(settings.store_root, settings.store_url)
         self.executor = executor
         self.on_event = on_event or (lambda kind, outcome: None)
 
@@ -99,6 +99,9 @@ class Runner:
             tools=step_tools(step, inputs),
             store_root=str(self.store.root),
             logs=str(self.settings.logs),
+            resources=step.resources,
+            input_keys={name: entry.key for name, entry in inputs.items()},
+            store_url=self.settings.store_url,
         )
 
     def status(self, plans: list[RecipePlan]) -> dict[str, StepOutcome]:
@@ -207,7 +210,7 @@ class Runner:
                     for sid in sids:
                         outcomes[sid].status = "failed"
                         self.on_event("failed", outcomes[sid])
-                        status = "bad_input" if isinstance(error, BadInput) else "crashed"
+                        status = "bad_input" if isinstance(error, BadInput) else getattr(error, "status", "crashed")
                         stop(steps[sid].recipe, status, str(error))
         finally:
             self.executor.shutdown()

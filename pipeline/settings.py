@@ -31,11 +31,15 @@ def quiet_environment() -> None:
 class Settings:
     artifacts: Path
     tracking_uri_override: str | None = None  # --tracking-uri
+    # Where steps run and where workers that share no disk find the store (see pipeline/remote_store.py).
+    executor: str = "local"  # --executor: local | inline | ray[=ADDRESS]
+    jobs: int = 1  # --jobs
+    store_url: str | None = None  # --store-url / KILN_STORE_URL: an fsspec URL mirrored by every worker
 
     @classmethod
     def from_env(cls, artifacts: str | None = None, tracking_uri: str | None = None) -> "Settings":
         root = artifacts or os.environ.get("KILN_ARTIFACTS") or "artifacts"
-        return cls(Path(root).resolve(), tracking_uri)
+        return cls(Path(root).resolve(), tracking_uri, store_url=os.environ.get("KILN_STORE_URL") or None)
 
     @property
     def store_root(self) -> Path:

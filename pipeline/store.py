@@ -149,3 +149,12 @@ class Store:
                 if rel in on_disk and sha256_file(entry.out / rel) != info["sha256"]:
                     problems.append(f"{path}/out/{rel}: sha256 differs from meta.json")
         return problems
+
+
+def open_store(root: Path, url: str | None = None):
+    """The step store at root; with an fsspec URL, root is this process's cache of the shared store there."""
+    if not url:
+        return Store(root)
+    from pipeline.remote_store import MirroredStore, RemoteStore
+
+    return MirroredStore(Store(root), RemoteStore(url))

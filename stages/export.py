@@ -14,7 +14,7 @@ from pipeline.versions import onnxruntime_distribution
 from stages import frameworks
 from stages.tensors import ModelSpec, axis_sizes, load_arrays, resize_axes
 
-VERSION = 2
+VERSION = 3
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
@@ -61,6 +61,18 @@ def _name_output_dims(model, observed: list[tuple[dict[str, int], list[tuple[int
     return renamed
 
 
+def _drop_stack_traces(model) -> None:
+    """The dynamo exporter records each node's Python stack trace, which names the absolute path the model's
+    code was loaded from (this step's input folder in the store) and the virtualenv: the same model exported
+    from a store at another path, or on another worker, would get other bytes and other downstream cache keys.
+    Localization reads `pkg.torch.onnx.name_scopes`, which stays."""
+    for node in [*model.graph.node, *(n for function in model.functions for n in function.node)]:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+
+
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import onnx
 
@@ -86,6 +98,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"export: onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
+    _drop_stack_traces(graph)
     _name_input_dims(graph, spec)
     onnx.save(graph, str(path))
 
