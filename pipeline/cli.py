@@ -115,7 +115,8 @@ def run(recipes, artifacts, tracking_uri, as_json, jobs, executor, store_url) ->
             what = f"{outcome.seconds:6.2f}s" if outcome.status == "ran" else " cached"
             console.print(f"  {mark} {outcome.step:<32} {what}  [dim]{outcome.key[:12]}[/]")
         elif kind == "failed":
-            console.print(f"  [red]✗[/] {outcome.step:<32} failed")
+            why = outcome.summary.get("error")
+            console.print(f"  [red]✗[/] {outcome.step:<32} failed" + (f" [dim]({why})[/]" if why else ""))
 
     # stdout carries only the --json summary: what libraries print meanwhile (Ray's notices) goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):

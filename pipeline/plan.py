@@ -35,6 +35,9 @@ class Step:
     # Not keyed: what a worker needs (num_cpus, num_gpus, memory in bytes, custom such as "target:cuda": 1);
     # empty means 1 CPU. Distributed executors schedule by it; local ones ignore it.
     resources: dict[str, float] = field(default_factory=dict)
+    # Not keyed: a failure here does not fail the recipe. Optional steps that read its output fail with it;
+    # other steps run without that input and find the reason in context["missing"] (tuning candidates).
+    optional: bool = False
 
     @property
     def id(self) -> str:
@@ -125,13 +128,14 @@ def _tuning_steps(recipe: Recipe, validate: str, source_options: dict) -> list[S
             steps.append(Step(name, f"export.{exporter}",
                               {**recipe.export.model_dump(mode="json"), "exporter": exporter,
                                "source_options": source_options},
-                              {"model": f"{name}:fetch", "data": f"{name}:data"}))
+                              {"model": f"{name}:fetch", "data": f"{name}:data"}, optional=True))
             exported = steps[-1].id
         for index, fusion in enumerate(tune.space.fusion or [recipe.optimize]):
             base = f"{exporter}.f{index}"
             own = exported == f"{name}:export" and fusion == recipe.optimize
             if not own:
-                steps.append(Step(name, f"optimize.{base}", fusion.model_dump(mode="json"), {"onnx": exported}))
+                steps.append(Step(name, f"optimize.{base}", fusion.model_dump(mode="json"), {"onnx": exported},
+                                  optional=True))
             optimized = f"{name}:optimize" if own else steps[-1].id
             described = {"exporter": exporter, "fusion": fusion.model_dump(mode="json")}
             if "fp32" in kinds:
@@ -146,7 +150,8 @@ def _tuning_steps(recipe: Recipe, validate: str, source_options: dict) -> list[S
                     steps.append(Step(name, f"quantize.{variant.name}.{base}",
                                       {"variant": variant.model_dump(mode="json", exclude={"gates"}), "gates": gates,
                                        "level": fusion.level},
-                                      {"onnx": optimized, "data": f"{name}:data", "metrics": validate}))
+                                      {"onnx": optimized, "data": f"{name}:data", "metrics": validate},
+                                      optional=True))
                     quantized = steps[-1].id
                 candidates[f"{base}.{variant.name}"] = (quantized, {**described, "precision": variant.kind,
                                                                     "variant": variant.name, "gates": gates})

@@ -146,7 +146,8 @@ def _tuning_sections(tuning: dict) -> list[dict]:
             verdict = ("**winner**" if c["winner"] else "pareto" if c["pareto"] else "") if c["passed"] \
                 else f"fails: {c['reason']}"
             fusion = c["fusion"]["level"] + (" + " + c["fusion"]["transformer"]["model_type"] if c["fusion"].get("transformer") else "")
-            rows.append([c["candidate"], c["exporter"], fusion, c["precision"], round(c["bytes"] / 2**20, 2),
+            size = round(c["bytes"] / 2**20, 2) if c["bytes"] is not None else None
+            rows.append([c["candidate"], c["exporter"], fusion, c["precision"], size,
                          error.get("mean_cosine"), error.get("max_abs_error"),
                          *[lat.get(b, {}).get("p50_ms") for b in batches], *[lat.get(b, {}).get("p95_ms") for b in batches],
                          c["objective"], verdict])

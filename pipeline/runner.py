@@ -87,7 +87,7 @@ class Runner:
         self.executor = executor
         self.on_event = on_event or (lambda kind, outcome: None)
 
-    def _task(self, step: Step, key: str, inputs: dict[str, Entry]) -> Task:
+    def _task(self, step: Step, key: str, inputs: dict[str, Entry], missing: dict[str, str]) -> Task:
         return Task(
             step_id=step.id,
             stage=step.stage,
@@ -95,7 +95,8 @@ class Runner:
             config=step.config,
             inputs={name: str(entry.out) for name, entry in inputs.items()},
             input_hashes={name: entry.output_hash for name, entry in inputs.items()},
-            context={**step.context, "upstream": {name: _lineage(e) for name, e in inputs.items()}},
+            context={**step.context, "upstream": {name: _lineage(e) for name, e in inputs.items()},
+                     **({"missing": missing} if missing else {})},
             tools=step_tools(step, inputs),
             store_root=str(self.store.root),
             logs=str(self.settings.logs),
@@ -134,6 +135,7 @@ class Runner:
         running: dict[Future, list[str]] = {}  # one future per key; steps of several recipes may share it
         by_key: dict[str, Future] = {}
         pending = [s.id for p in plans for s in p.steps]
+        lacking: dict[str, str] = {}  # optional step that failed -> why
 
         def stop(recipe: str, status: str, reason: str) -> None:
             result = results[recipe]
@@ -167,13 +169,22 @@ class Runner:
                     if sid not in pending:  # a failed verdict just stopped its recipe
                         continue
                     step = steps[sid]
-                    if not all(i in entries for i in [*step.inputs.values(), *step.after]):
+                    if not all(i in entries or i in lacking for i in [*step.inputs.values(), *step.after]):
+                        continue
+                    missing = {name: f"{i}: {lacking[i]}" for name, i in step.inputs.items() if i in lacking}
+                    if missing and step.optional:  # a candidate built from a failed candidate fails with it
+                        pending.remove(sid)
+                        progressed = True
+                        lacking[sid] = next(iter(missing.values()))
+                        outcomes[sid].status = "failed"
+                        outcomes[sid].summary = {"error": f"needs {lacking[sid]}"}
+                        self.on_event("failed", outcomes[sid])
                         continue
                     if len(running) >= self.executor.capacity:
                         break
                     pending.remove(sid)
                     progressed = True
-                    inputs = {name: entries[i] for name, i in step.inputs.items()}
+                    inputs = {name: entries[i] for name, i in step.inputs.items() if i in entries}
                     key = step_key(step, inputs)
                     outcomes[sid].key = key
                     entry = self.store.lookup(key)
@@ -183,7 +194,7 @@ class Runner:
                         running[by_key[key]].append(sid)
                     else:
                         self.on_event("start", outcomes[sid])
-                        future = self.executor.submit(self._task(step, key, inputs))
+                        future = self.executor.submit(self._task(step, key, inputs, missing))
                         by_key[key] = future
                         running[future] = [sid]
                 if progressed:
@@ -209,7 +220,11 @@ class Runner:
                         continue
                     for sid in sids:
                         outcomes[sid].status = "failed"
+                        outcomes[sid].summary = {"error": str(error)}
                         self.on_event("failed", outcomes[sid])
+                        if steps[sid].optional:
+                            lacking[sid] = str(error)
+                            continue
                         status = "bad_input" if isinstance(error, BadInput) else getattr(error, "status", "crashed")
                         stop(steps[sid].recipe, status, str(error))
         finally:

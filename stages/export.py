@@ -14,7 +14,7 @@ from pipeline.versions import onnxruntime_distribution
 from stages import frameworks
 from stages.tensors import ModelSpec, axis_sizes, load_arrays, resize_axes
 
-VERSION = 3
+VERSION = 4
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:

@@ -186,17 +186,22 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     # 1. parity under this target's provider
     rows, paths = [], {}
     for cid, what in config["candidates"].items():
+        row = {"candidate": cid, **{k: what[k] for k in ("exporter", "precision", "variant")},
+               "fusion": what["fusion"], "bytes": None, "error": None}
+        if f"cand.{cid}" not in inputs:  # its build failed (e.g. an exporter that cannot take this model)
+            row.update(passed=False, reason=f"not built: {context.get('missing', {}).get(f'cand.{cid}', '?')}")
+            rows.append(row)
+            continue
         path = inputs[f"cand.{cid}"] / "model.onnx"
         paths[cid] = path
-        row = {"candidate": cid, **{k: what[k] for k in ("exporter", "precision", "variant")},
-               "fusion": what["fusion"], "bytes": path.stat().st_size}
+        row["bytes"] = path.stat().st_size
         try:
             runner = onnx_runtime.Runner(path, _settings(profile, first, engine_cache))
             found, metrics = gate.judge_parity(_outputs(runner, spec, feeds), reference, labels, what["gates"])
             failed = [v for v in found if not v["passed"]]
             row.update(error=_error(metrics), passed=not failed, reason=failed[0]["message"] if failed else None)
         except Exception as exc:  # noqa: BLE001 - a candidate this provider cannot run is out of the race
-            row.update(error=None, passed=False, reason=f"does not run: {type(exc).__name__}: "
+            row.update(passed=False, reason=f"does not run: {type(exc).__name__}: "
                                                        f"{str(exc).splitlines()[0][:200]}")
         rows.append(row)
     passing = [r for r in rows if r["passed"]]

@@ -110,3 +110,37 @@ def test_deliver_interrupted_copy_leaves_old_bundle(tmp_path, monkeypatch):
     deliver(tmp_path / "two", dest)
     assert (dest / "model.onnx").read_text() == "2"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["v1"]
+
+
+def test_an_optional_step_that_fails_leaves_its_consumer_running_without_it(tmp_path, monkeypatch):
+    """Tuning candidates are optional: one that cannot be built is reported, its own dependents fail with it,
+    and the tune step still runs on the others (told why each missing one is missing); the recipe passes."""
+    import stages
+    from pipeline.executor import InlineExecutor
+    from pipeline.mlflow_registry import SourceRef
+    from pipeline.plan import RecipePlan, Step
+    from pipeline.recipe import Recipe
+    from pipeline.runner import Runner
+    from pipeline.settings import Settings
+
+    monkeypatch.setitem(stages.STAGES, "toy", "fixtures.toy_stages")
+    steps = [
+        Step("r", "toy.good", {"role": "make", "name": "good"}, optional=True),
+        Step("r", "toy.bad", {"role": "make", "name": "bad", "fail": True}, optional=True),
+        Step("r", "toy.after-bad", {"role": "make", "name": "after-bad"}, {"base": "r:toy.bad"}, optional=True),
+        Step("r", "toy.collect", {"role": "collect"},
+             {"cand.good": "r:toy.good", "cand.bad": "r:toy.bad", "cand.after": "r:toy.after-bad"}),
+    ]
+    recipe = Recipe.model_validate({"name": "r", "source": {"uri": "models:/m/1"}})
+    source = SourceRef("models:/m/1", "sqlite://", "m", "1", None, "", 0)
+    plan = RecipePlan(recipe, tmp_path / "r.yaml", source, steps, tmp_path / "bundle")
+    summary = Runner(Settings(tmp_path / "artifacts"), InlineExecutor()).run([plan])
+    (outcome,) = summary.recipes
+    status = {s.step: s.status for s in outcome.steps}
+    assert outcome.status == "passed" and summary.exit_code == 0
+    assert status == {"r:toy.good": "ran", "r:toy.bad": "failed", "r:toy.after-bad": "failed", "r:toy.collect": "ran"}
+    collect = next(s for s in outcome.steps if s.step == "r:toy.collect")
+    collected = json.loads((Store(tmp_path / "artifacts" / "store").lookup(collect.key).out / "collected.json").read_text())
+    assert collected["seen"] == {"cand.good": "good"}
+    assert collected["missing"]["cand.bad"] == "r:toy.bad: bad cannot be built"
+    assert collected["missing"]["cand.after"].startswith("r:toy.after-bad: r:toy.bad: bad cannot be built")

@@ -139,3 +139,30 @@ def test_html_report_renders_in_chromium(cnn_bundle, tmp_path):
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.shape[0] >= 2000
     assert (image < 200).mean() > 0.02  # text, tables and plots, not a blank page
+
+
+def test_dynamo_export_output_named_like_an_internal_tensor(tmp_path):
+    """The dynamo exporter names an embedding lookup's result `embedding`; an output requested under that name
+    used to give two producers of one tensor (an invalid graph). all-MiniLM's pooled output is called that."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(50, 8)
+
+        def forward(self, ids):
+            return self.table(ids).mean(1)
+
+    model = Pooled().eval()
+    spec = ModelSpec([TensorSpec("ids", "int64", ["batch", "seq"])], ["embedding"])
+    feeds = {"ids": np.arange(12, dtype=np.int64).reshape(3, 4)}
+    torch_framework.export_onnx(model, spec, feeds, ["embedding"], "dynamo", 18, tmp_path / "m.onnx")
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [o.name for o in graph.output] == ["embedding"]
+    assert sum("embedding" in node.output for node in graph.node) == 1
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, feeds)[0]
+    np.testing.assert_allclose(got, model(torch.from_numpy(feeds["ids"])).detach().numpy(), rtol=1e-6, atol=1e-6)

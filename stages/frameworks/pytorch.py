@@ -97,6 +97,11 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
     import torch
 
     tensors = _tensors(spec, feeds)
+    # The dynamo exporter names intermediate tensors after the ops that make them (an `embedding` lookup
+    # gives a tensor `embedding`), so a requested output name can collide with one (two producers, an
+    # invalid graph). It exports under names nothing can share; they are renamed afterwards.
+    requested, output_names = output_names, ([f"kiln_output_{i}" for i in range(len(output_names))]
+                                             if exporter == "dynamo" else output_names)
     dynamic_axes = {t.name: t.dynamic_axes() for t in spec.inputs if t.dynamic_axes()}
     if spec.batch_axis_named:
         batch = spec.inputs[0].shape[0]
@@ -128,7 +133,37 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
             f"export.exporter {exporter}: torch.onnx.export failed: {type(exc).__name__}: {first} "
             f"(try export.exporter: {'torchscript' if exporter == 'dynamo' else 'dynamo'})"
         ) from None
+    if output_names != requested:
+        import onnx
+
+        graph = onnx.load(str(path))
+        rename_outputs(graph, requested)
+        onnx.save(graph, str(path))
     return {"exporter": exporter, "opset": opset, "call": _call_style(model, spec)}
+
+
+def rename_outputs(model, names: list[str]) -> None:
+    """Give the graph's outputs these names; a tensor that already has one of them is renamed out of the way."""
+    graph = model.graph
+
+    def rename(old: str, new: str) -> None:
+        for node in graph.node:
+            node.input[:] = [new if n == old else n for n in node.input]
+            node.output[:] = [new if n == old else n for n in node.output]
+        for value in [*graph.output, *graph.value_info]:
+            if value.name == old:
+                value.name = new
+
+    taken = {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.initializer}
+    for output, new in zip(list(graph.output), names):
+        if output.name == new:
+            continue
+        if new in taken:
+            spare = next(f"{new}_{i}" for i in range(1, 10**6) if f"{new}_{i}" not in taken)
+            rename(new, spare)
+            taken.add(spare)
+        rename(output.name, new)
+        taken.add(new)
 
 
 def layer_outputs(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
