@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade 'pip>=24'
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev,tf]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev,tf,olive]'
 	# tensorflow-serving-api's protos run on tensorflow-cpu; its dependency on the full tensorflow wheel would
 	# put a second TensorFlow in the same folder, so it goes in without dependencies.
 	$(PY) -m pip install -q -c constraints.txt --no-deps tensorflow-serving-api
