@@ -135,26 +135,26 @@ def _samples(path: str, **_) -> _Samples:
     return _Samples(path)
 
 
-def _checked_passes(variant: dict) -> list[dict]:
+def _checked_passes(passes: list[dict], field: str) -> list[dict]:
     """Each pass's config checked against the pass's own parameters (Olive ignores unknown ones with a warning);
-    the calibration data config is filled in for passes that take one."""
+    the calibration data config is filled in for passes that take one. Errors name `<field>.passes[i]`."""
     from olive.hardware.accelerator import AcceleratorSpec, Device
     from olive.package_config import OlivePackageConfig
 
     spec = AcceleratorSpec(accelerator_type=Device.CPU, execution_provider="CPUExecutionProvider")
     package = OlivePackageConfig.load_default_config()
     checked = []
-    for index, olive_pass in enumerate(variant["passes"]):
-        field = f"variants.{variant['name']}.passes[{index}]"
+    for index, olive_pass in enumerate(passes):
+        where = f"{field}.passes[{index}]"
         try:
             pass_class = package.import_pass_module(olive_pass["type"])
             parameters = pass_class.default_config(spec)
         except Exception as exc:  # noqa: BLE001 - Olive's rejection, named by the recipe field
-            raise ModelError(f"{field}.type: Olive cannot load pass {olive_pass['type']!r}: {_one_line(exc)}") from None
-        config = dict(olive_pass["config"])
+            raise ModelError(f"{where}.type: Olive cannot load pass {olive_pass['type']!r}: {_one_line(exc)}") from None
+        config = dict(olive_pass.get("config") or {})
         unknown = sorted(set(config) - set(parameters))
         if unknown:
-            raise ModelError(f"{field}.config.{unknown[0]}: not a parameter of Olive's {pass_class.__name__} "
+            raise ModelError(f"{where}.config.{unknown[0]}: not a parameter of Olive's {pass_class.__name__} "
                              f"(olive-ai {version_of(DISTRIBUTION)}; it takes: {', '.join(sorted(parameters))})")
         if "data_config" in parameters and not config.get("data_config"):
             config["data_config"] = CALIBRATION
@@ -206,7 +206,7 @@ def _portable(config: dict) -> dict:
     return out
 
 
-def _run_olive(source: Path, passes: list[dict], npz: Path, work: Path, variant: str) -> tuple[Path, list[dict]]:
+def _run_olive(source: Path, passes: list[dict], npz: Path, work: Path, field: str) -> tuple[Path, list[dict]]:
     """Run the workflow; the output model and the per-pass chain. Olive's logging goes to a file, not stdout (the
     worker shares the CLI's stdout, which carries `--json`)."""
     from olive.data.registry import Registry
@@ -237,50 +237,59 @@ def _run_olive(source: Path, passes: list[dict], npz: Path, work: Path, variant:
         index = next((i for i, step in enumerate(chain) if step["pruned"]), min(len(chain), len(passes) - 1))
         cause = failure or (errors.exceptions[-1] if errors.exceptions else None)
         why = _one_line(cause) if cause else (errors.messages[-1] if errors.messages else "no output model")
-        raise ModelError(f"variants.{variant}.passes[{index}] ({passes[index]['type']}): Olive failed: {why}")
+        raise ModelError(f"{field}.passes[{index}] ({passes[index]['type']}): Olive failed: {why}")
     return Path(best.model_path), chain
+
+
+def run_passes(source: Path, passes: list[dict], calibration: dict, work: Path, field: str = "olive") -> dict:
+    """Run Olive passes ([{type, config}]) on an ONNX file, offline, in `work` (which must exist and is left with
+    Olive's cache and output); calibration: {input: samples} for passes that take data. Returns the output model
+    path, the checked passes and each pass's record; errors name `<field>.passes[i]`."""
+    if known_passes() is None:
+        raise ModelError(f"{field}: Olive passes need olive-ai; install the `olive` extra "
+                         "(pip install -e '.[olive]' -c constraints.txt)")
+    for name, value in OFFLINE.items():
+        os.environ.setdefault(name, value)
+    checked = _checked_passes(passes, field)
+    npz = work / "calibration.npz"
+    save_arrays(npz, calibration)
+    produced, chain = _run_olive(source, checked, npz, work, field)
+    steps, previous = [], source
+    for index, (given, step) in enumerate(zip(checked, chain)):
+        # Olive moves the last pass's model from its cache to the output folder.
+        path = produced if index == len(chain) - 1 else step["path"]
+        change = _graph_change(previous, path) if path.is_file() else {"graph": "not kept by Olive"}
+        steps.append({"index": index, "type": given["type"], "config": given["config"],
+                      "resolved_config": _portable(step["config"]), "seconds": step["seconds"], **change})
+        previous = path if path.is_file() else previous
+    return {"model": produced, "passes": checked, "steps": steps}
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     from stages import quantize
 
-    if known_passes() is None:
-        raise ModelError(f"variants.{config['variant']['name']}.kind: olive needs olive-ai; install the `olive` extra "
-                         "(pip install -e '.[olive]' -c constraints.txt)")
-    for name, value in OFFLINE.items():
-        os.environ.setdefault(name, value)
     variant = config["variant"]
     source = inputs["onnx"] / "quantizable.onnx"  # the same input the other precision variants take
-    passes = _checked_passes(variant)
     calibration, calibration_sha = quantize._calibration(load_arrays(inputs["data"] / "inputs.npz"),
-                                                                 variant["calibration"])
+                                                         variant["calibration"])
     with tempfile.TemporaryDirectory(prefix="olive-", dir=out.parent) as folder:
-        work = Path(folder)
-        npz = work / "calibration.npz"
-        save_arrays(npz, calibration)
-        produced, chain = _run_olive(source, passes, npz, work, variant["name"])
-        steps, previous = [], source
-        for index, (given, step) in enumerate(zip(passes, chain)):
-            # Olive moves the last pass's model from its cache to the output folder.
-            path = produced if index == len(chain) - 1 else step["path"]
-            change = _graph_change(previous, path) if path.is_file() else {"graph": "not kept by Olive"}
-            steps.append({"index": index, "type": given["type"], "config": given["config"],
-                          "resolved_config": _portable(step["config"]), **change})
-            previous = path if path.is_file() else previous
-        quantize._finish(produced, out / "model.onnx", config["level"])
-        finish = {"ort_offline_level": config["level"], **_graph_change(previous, out / "model.onnx")}
-        seconds = {f"passes[{i}]": step["seconds"] for i, step in enumerate(chain)}
+        result = run_passes(source, variant["passes"], calibration, Path(folder), f"variants.{variant['name']}")
+        quantize._finish(result["model"], out / "model.onnx", config["level"])
+        finish = {"ort_offline_level": config["level"], **_graph_change(result["model"], out / "model.onnx")}
+    # Seconds go to the step summary, not the record: the output stays byte-identical for the same inputs.
+    seconds = {f"passes[{s['index']}]": s.pop("seconds") for s in result["steps"]}
+    passes = result["passes"]
     record = {
         "variant": variant["name"],
         "olive_version": version_of(DISTRIBUTION),
         "source": "optimize/quantizable.onnx",
         "calibration": {"samples": variant["calibration"]["samples"], "seed": variant["calibration"]["seed"],
                         "sha256": calibration_sha, "data_config": CALIBRATION},
-        "passes": steps,
+        "passes": result["steps"],
         "finish": finish,
     }
     (out / "olive.json").write_text(json.dumps(record, indent=2, default=str))
-    uses_data = any("data_config" in s["resolved_config"] for s in steps)
+    uses_data = any("data_config" in s["resolved_config"] for s in result["steps"])
     (out / "quantize.json").write_text(json.dumps({
         "variant": variant["name"],
         "kind": "olive",
