@@ -12,6 +12,12 @@ TRITON_VENV := .venv-triton
 TRITON_PKGS := nvidia-pytriton==0.7.0 numpy==1.26.4 protobuf==6.33.6 onnxruntime==1.32.0
 TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell echo '$(TRITON_PKGS)' | sha256sum | cut -c1-16)
 
+# Optimum wants transformers 4.57, which cannot share .venv (transformers 5): its own venv; the benchmark times its
+# .onnx outputs from .venv.
+OPTIMUM_VENV := .venv-optimum
+OPTIMUM_PKGS := torch==2.13.0 'optimum-onnx[onnxruntime]==0.1.0' optimum==2.1.0
+OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed-$(shell echo $(OPTIMUM_PKGS) | sha256sum | cut -c1-16)
+
 .PHONY: demo test bench install clean-artifacts serving-env java browser
 
 install: $(STAMP)
@@ -32,11 +38,18 @@ demo: $(STAMP)
 	$(PY) -m examples.register
 	$(VENV)/bin/kiln run recipes/
 
-## make bench: the side-by-side benchmarks (slow; see benchmarks/).
-bench: $(STAMP)
+## make bench: kiln side by side with the frameworks, torch.compile, ONNX Runtime, Olive and Optimum (slow, <= 30 min;
+## BENCH_ARGS="--models digits --repeats 1" for less). Tables, JSON and plot in benchmarks/results/.
+bench: $(STAMP) $(OPTIMUM_STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
-	$(PY) benchmarks/latency_spread.py
-	$(PY) benchmarks/minilm_int8.py
+	$(PY) benchmarks/compare.py $(BENCH_ARGS)
+
+$(OPTIMUM_STAMP):
+	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q --upgrade 'pip>=24'
+	$(OPTIMUM_VENV)/bin/python -m pip install -q $(OPTIMUM_PKGS)
+	rm -f $(OPTIMUM_VENV)/.installed-*
+	touch $@
 
 ## make test: the whole suite, slow integration tests (real mlflow server, real models) included.
 test: $(STAMP) serving-env browser
