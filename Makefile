@@ -18,6 +18,15 @@ OPTIMUM_VENV := .venv-optimum
 OPTIMUM_PKGS := torch==2.13.0 'optimum-onnx[onnxruntime]==0.1.0' optimum==2.1.0
 OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed-$(shell echo $(OPTIMUM_PKGS) | sha256sum | cut -c1-16)
 
+# $(call side_venv,VENV,PACKAGES): a venv of its own holding exactly these packages (stamped by its target).
+define side_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade 'pip>=24'
+	$(1)/bin/python -m pip install -q $(2)
+	rm -f $(1)/.installed-*
+	touch $@
+endef
+
 .PHONY: demo test bench install clean-artifacts serving-env java browser
 
 install: $(STAMP)
@@ -45,11 +54,7 @@ bench: $(STAMP) $(OPTIMUM_STAMP)
 	$(PY) benchmarks/compare.py $(BENCH_ARGS)
 
 $(OPTIMUM_STAMP):
-	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
-	$(OPTIMUM_VENV)/bin/python -m pip install -q --upgrade 'pip>=24'
-	$(OPTIMUM_VENV)/bin/python -m pip install -q $(OPTIMUM_PKGS)
-	rm -f $(OPTIMUM_VENV)/.installed-*
-	touch $@
+	$(call side_venv,$(OPTIMUM_VENV),$(OPTIMUM_PKGS))
 
 ## make test: the whole suite, slow integration tests (real mlflow server, real models) included.
 test: $(STAMP) serving-env browser
@@ -72,11 +77,7 @@ browser:
 	  || echo "warning: no chromium and cannot install it; the HTML report test will be skipped"
 
 $(TRITON_STAMP):
-	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/python -m pip install -q --upgrade 'pip>=24'
-	$(TRITON_VENV)/bin/python -m pip install -q $(TRITON_PKGS)
-	rm -f $(TRITON_VENV)/.installed-*
-	touch $@
+	$(call side_venv,$(TRITON_VENV),$(TRITON_PKGS))
 
 clean-artifacts:
 	find artifacts -mindepth 1 ! -name README.md -exec rm -rf {} +
