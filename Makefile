@@ -12,6 +12,21 @@ TRITON_VENV := .venv-triton
 TRITON_PKGS := nvidia-pytriton==0.7.0 numpy==1.26.4 protobuf==6.33.6 onnxruntime==1.32.0
 TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell echo '$(TRITON_PKGS)' | sha256sum | cut -c1-16)
 
+# Optimum wants transformers 4.57, which cannot share .venv (transformers 5): its own venv; the benchmark times its
+# .onnx outputs from .venv.
+OPTIMUM_VENV := .venv-optimum
+OPTIMUM_PKGS := torch==2.13.0 'optimum-onnx[onnxruntime]==0.1.0' optimum==2.1.0
+OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed-$(shell echo $(OPTIMUM_PKGS) | sha256sum | cut -c1-16)
+
+# $(call side_venv,VENV,PACKAGES): a venv of its own holding exactly these packages (stamped by its target).
+define side_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade 'pip>=24'
+	$(1)/bin/python -m pip install -q $(2)
+	rm -f $(1)/.installed-*
+	touch $@
+endef
+
 .PHONY: demo test bench install clean-artifacts serving-env java browser
 
 install: $(STAMP)
@@ -19,7 +34,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade 'pip>=24'
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev,tf,ray]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev,tf,ray,olive]'
 	# tensorflow-serving-api's protos run on tensorflow-cpu; its dependency on the full tensorflow wheel would
 	# put a second TensorFlow in the same folder, so it goes in without dependencies.
 	$(PY) -m pip install -q -c constraints.txt --no-deps tensorflow-serving-api
@@ -32,11 +47,14 @@ demo: $(STAMP)
 	$(PY) -m examples.register
 	$(VENV)/bin/kiln run recipes/
 
-## make bench: the side-by-side benchmarks (slow; see benchmarks/).
-bench: $(STAMP)
+## make bench: kiln side by side with the frameworks, torch.compile, ONNX Runtime, Olive and Optimum (slow, <= 30 min;
+## BENCH_ARGS="--models digits --repeats 1" for less). Tables, JSON and plot in benchmarks/results/.
+bench: $(STAMP) $(OPTIMUM_STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
-	$(PY) benchmarks/latency_spread.py
-	$(PY) benchmarks/minilm_int8.py
+	$(PY) benchmarks/compare.py $(BENCH_ARGS)
+
+$(OPTIMUM_STAMP):
+	$(call side_venv,$(OPTIMUM_VENV),$(OPTIMUM_PKGS))
 
 ## make test: the whole suite, slow integration tests (real mlflow server, real models) included.
 test: $(STAMP) serving-env browser
@@ -59,11 +77,7 @@ browser:
 	  || echo "warning: no chromium and cannot install it; the HTML report test will be skipped"
 
 $(TRITON_STAMP):
-	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/python -m pip install -q --upgrade 'pip>=24'
-	$(TRITON_VENV)/bin/python -m pip install -q $(TRITON_PKGS)
-	rm -f $(TRITON_VENV)/.installed-*
-	touch $@
+	$(call side_venv,$(TRITON_VENV),$(TRITON_PKGS))
 
 clean-artifacts:
 	find artifacts -mindepth 1 ! -name README.md -exec rm -rf {} +

@@ -148,7 +148,7 @@ def _tuning_steps(recipe: Recipe, validate: str, source_options: dict) -> list[S
                     quantized = f"{name}:quantize.{variant.name}"
                 else:
                     steps.append(Step(name, f"quantize.{variant.name}.{base}",
-                                      {"variant": variant.model_dump(mode="json", exclude={"gates"}), "gates": gates,
+                                      {"variant": variant.model_dump(mode="json", exclude={"gates", "passes"}), "gates": gates,
                                        "level": fusion.level},
                                       {"onnx": optimized, "data": f"{name}:data", "metrics": validate},
                                       optional=True))
@@ -223,21 +223,27 @@ def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: 
     for variant in recipe.variants:
         v = variant.name
         parity = (variant.gates or recipe.gates.parity).model_dump(mode="json")
+        if variant.kind == "olive":  # Olive's passes build the variant; validated and gated like the others
+            built_by = Step(name, f"olive.{v}",
+                            {"variant": variant.model_dump(mode="json", include={"name", "passes", "calibration"}),
+                             "level": recipe.optimize.level},
+                            {"onnx": f"{name}:optimize", "data": f"{name}:data"})
+        else:
+            built_by = Step(name, f"quantize.{v}",
+                            {"variant": variant.model_dump(mode="json", exclude={"gates", "passes"}), "gates": parity,
+                             "level": recipe.optimize.level},
+                            {"onnx": f"{name}:optimize", "data": f"{name}:data", "metrics": f"{name}:validate"})
         steps += [
-            Step(name, f"quantize.{v}",
-                 {"variant": variant.model_dump(mode="json", exclude={"gates"}), "gates": parity,
-                  "level": recipe.optimize.level},
-                 {"onnx": f"{name}:optimize", "data": f"{name}:data", "metrics": f"{name}:validate"}),
+            built_by,
             # Layer-by-layer against the original on the variant itself: where quantization hurts.
             Step(name, f"validate.{v}", validate_config,
-                 {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:quantize.{v}",
-                  "exported": f"{name}:quantize.{v}"}),
+                 {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": built_by.id, "exported": built_by.id}),
             Step(name, f"gate.{v}",
                  {"gates": {**recipe.gates.model_dump(mode="json"), "parity": parity}, "blocking": recipe.select == v},
-                 {"metrics": f"{name}:validate.{v}", "quantized": f"{name}:quantize.{v}"},
+                 {"metrics": f"{name}:validate.{v}", "quantized": built_by.id},
                  *_baseline(recipe, dest_root, source.version)),
         ]
-        chains[v] = {"onnx": f"{name}:quantize.{v}", "metrics": f"{name}:validate.{v}", "verdicts": f"{name}:gate.{v}"}
+        chains[v] = {"onnx": built_by.id, "metrics": f"{name}:validate.{v}", "verdicts": f"{name}:gate.{v}"}
     tuned = {}
     if recipe.tune:
         steps += _tuning_steps(recipe, f"{name}:validate", source_options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -156,11 +156,21 @@ class LatencyGates(Strict):
     )
 
 
+class OlivePass(Strict):
+    """One Olive pass, named and configured exactly as Olive defines it (e.g. OnnxStaticQuantization)."""
+
+    type: str = Field(min_length=1, description="Olive pass name, e.g. OnnxDynamicQuantization")
+    config: dict[str, Any] = Field(default_factory=dict, description="The pass's parameters as Olive names them")
+
+
 class Variant(Strict):
     """A precision variant built from the optimized FP32 model and validated against the original."""
 
     name: Slug
-    kind: Literal["fp16", "int8-dynamic", "int8-static"]
+    kind: Literal["fp16", "int8-dynamic", "int8-static", "olive"]
+    passes: list[OlivePass] | None = Field(
+        None, description="olive: Olive passes run in order; static quantization calibrates on `calibration` samples"
+    )
     per_channel: bool = True
     reduce_range: bool | Literal["auto"] = Field(
         "auto", description="auto: on CPUs without VNNI (u8s8 can saturate on AVX2), recorded in the manifest"
@@ -172,6 +182,14 @@ class Variant(Strict):
     op_block_list: list[str] = Field(default_factory=list, description="fp16: op types kept in float32")
     fallback: Fallback = Field(default_factory=Fallback)
     gates: ParityGates | None = Field(None, description="Parity gates for this variant; default: gates.parity")
+
+    @model_validator(mode="after")
+    def _passes_for_olive(self) -> "Variant":
+        if self.kind == "olive" and not self.passes:
+            raise ValueError("passes: kind olive needs a non-empty list of {type: <OlivePassName>, config: {...}}")
+        if self.kind != "olive" and self.passes is not None:
+            raise ValueError(f"passes: only kind olive runs Olive passes (this variant is {self.kind})")
+        return self
 
 
 class Gates(Strict):
@@ -368,6 +386,11 @@ class Recipe(Strict):
         variant_names = [v.name for v in self.variants]
         if {"fp32", "tuned"} & set(variant_names) or len(set(variant_names)) != len(variant_names):
             raise ValueError("variants: names must be unique and not 'fp32' (the optimized model) or 'tuned'")
+        for variant in self.variants:
+            for index, olive_pass in enumerate(variant.passes or []):
+                problem = _olive_pass_problem(olive_pass.type)
+                if problem:
+                    raise ValueError(f"variants.{variant.name}.passes[{index}].type: {problem}")
         if self.select == "tuned":
             if self.tune is None:
                 raise ValueError("select: tuned needs a `tune` section")
@@ -383,6 +406,13 @@ class Recipe(Strict):
             if len(set(names)) != len(names):
                 raise ValueError("inputs: tensor names must be unique")
         return self
+
+
+def _olive_pass_problem(name: str) -> str | None:
+    """Olive's own registry of pass names, read without importing Olive (stages/olive.py knows where)."""
+    from stages.olive import unknown_pass
+
+    return unknown_pass(name)
 
 
 def _field_path(error: dict) -> str:

