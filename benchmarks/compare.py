@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kiln_bundle import bundle_session  # noqa: E402
+from benchmarks.kiln_bundle import bundle_runner  # noqa: E402
 from benchmarks.zoo import MODELS, SAMPLES, BenchModel, register  # noqa: E402
 
 TOOLS = ["eager", "compiled", "ort", "olive", "optimum", "kiln"]
@@ -67,13 +67,13 @@ def _first_line(text: str) -> str:
     return (kiln or lines or ["(no output)"])[-1][:300]
 
 
-def _ort_tool(tool: Tool, path: Path, session=None, pool: bool = False) -> None:
-    """Time and read an ONNX model with ONNX Runtime (default session options unless a session is given)."""
+def _ort_tool(tool: Tool, path: Path, pool: bool = False) -> None:
+    """Time and read an ONNX model with ONNX Runtime's default session options."""
     import onnxruntime as ort
 
     from stages.onnx_runtime import feeds_for
 
-    sess = session or ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
 
     def prepared(feeds: dict) -> dict:
@@ -195,7 +195,9 @@ def _kiln(bench: BenchModel, model, feeds: dict, work: Path) -> tuple[Tool, dict
             info["export_s"] = float(entry.meta.get("seconds", 0.0))
     if tool.error is None:
         bundle = Path(summaries[0]["recipes"][0]["bundle"])
-        _ort_tool(tool, bundle / "model.onnx", session=bundle_session(bundle))
+        runner = bundle_runner(bundle)
+        tool.call_for, tool.output = runner.call, (lambda f: runner.run(f)[0])
+        tool.bytes = (bundle / "model.onnx").stat().st_size
         tool.build_s = info["cold_s"]
         info["warm_rerun_s"] = info["warm_s"]
         info["warm_steps_ran"] = sum(1 for s in summaries[1]["recipes"][0]["steps"] if s["status"] == "ran")
@@ -460,9 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)} (known: {', '.join(MODELS)})")
     os.environ.update(ENV)
-    from stages.validate import _machine
+    from stages.machine import describe
 
-    machine = _machine()
+    machine = describe()
     report = {
         "machine": f"{machine['cpu']}, {machine['cores']} cores",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
