@@ -25,7 +25,20 @@ class BenchModel:
     olive_passes: list[dict]  # comparable Olive passes on the plain export
     hf_checkpoint: Callable[[Any, Path], Path] | None = None  # writes a transformers folder for Optimum
     pooled: bool = False  # original mean-pools last_hidden_state (Optimum's feature-extraction output)
+    min_cosine: float = 0.999  # mean per-sample cosine vs the original a row needs to count (kiln's gate too)
     notes: list[str] = field(default_factory=list)
+
+
+def _tuned(precision_gate: dict, exporters: list[str], fusion: list[dict] | None = None) -> dict:
+    """kiln's tuning for the CPU target (and cuda, skipped without a GPU): the bundle publishes the winner."""
+    space: dict = {"exporters": exporters}
+    if fusion:
+        space["fusion"] = fusion
+    return {"tune": {"targets": ["cpu", "cuda"], "publish": "cpu", "batch_sizes": [1, 32], "space": space,
+                     "gates": {"default": precision_gate},
+                     "budget": {"max_trials": 16, "time_budget_s": 240, "top_candidates": 2},
+                     "measure": {"trial_seconds": 2.0, "final_seconds": 8.0}},
+            "select": "tuned"}
 
 
 # CNNs: optimize.level all (ORT's NCHWc conv kernels, which ORT's own default session applies too; extended
@@ -57,7 +70,8 @@ def _digits() -> BenchModel:
 
     return BenchModel(
         "digits-cnn", "pytorch", build, feeds, [("logits", "float32", (-1, 10))],
-        {"export": {"exporter": "dynamo", "opset": 18}, "optimize": {"level": "all"}},
+        {"export": {"exporter": "dynamo", "opset": 18}, "optimize": {"level": "all"},
+         **_tuned({"min_cosine": 0.999}, ["dynamo"])},
         _static_int8())
 
 
@@ -80,8 +94,11 @@ def _bert() -> BenchModel:
         "bert-encoder", "pytorch", build, feeds, [("last_hidden_state", "float32", (-1, -1, 128))],
         {"export": {"exporter": "torchscript", "opset": 17},
          "optimize": {"level": "extended", "transformer": {"model_type": "bert", "num_heads": 4, "hidden_size": 128}},
-         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_cosine": 0.9999}}}},
-        _bert_passes(4, 128), checkpoint)
+         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_cosine": 0.9999}}},
+         **_tuned({"min_mean_cosine": 0.99}, ["torchscript", "dynamo"],
+                  [{"level": "extended", "transformer": {"model_type": "bert", "num_heads": 4, "hidden_size": 128}},
+                   {"level": "all"}])},
+        _bert_passes(4, 128), checkpoint, min_cosine=0.99)
 
 
 def _minilm() -> BenchModel:
@@ -110,8 +127,11 @@ def _minilm() -> BenchModel:
         "minilm", "pytorch", build, feeds, [("embedding", "float32", (-1, 384))],
         {"export": {"exporter": "torchscript", "opset": 17},
          "optimize": {"level": "extended", "transformer": {"model_type": "bert", "num_heads": 12, "hidden_size": 384}},
-         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_mean_cosine": 0.9999}}}},
-        _bert_passes(12, 384), checkpoint, pooled=True)
+         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_mean_cosine": 0.9999}}},
+         **_tuned({"min_mean_cosine": 0.99}, ["torchscript", "dynamo"],
+                  [{"level": "extended", "transformer": {"model_type": "bert", "num_heads": 12, "hidden_size": 384}},
+                   {"level": "all"}])},
+        _bert_passes(12, 384), checkpoint, pooled=True, min_cosine=0.99)
 
 
 def _resnet50() -> BenchModel:
@@ -130,11 +150,8 @@ def _resnet50() -> BenchModel:
     return BenchModel(
         "resnet50", "pytorch", build, feeds, [("logits", "float32", (-1, 1000))],
         {"export": {"exporter": "dynamo", "opset": 18}, "optimize": {"level": "all"},
-         "variants": [{"name": "int8", "kind": "int8-static", "per_channel": True,
-                       "calibration": {"samples": SAMPLES, "seed": 0},
-                       "gates": {"default": {"min_cosine": 0.999}}, "fallback": {"enabled": False}}],
-         "select": "int8",
-         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_cosine": 0.9999}}}},
+         "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_cosine": 0.9999}}},
+         **_tuned({"min_cosine": 0.999}, ["dynamo"])},
         _static_int8())
 
 
@@ -154,7 +171,8 @@ def _mobilenet_v2() -> BenchModel:
     return BenchModel(
         "mobilenet-v2", "tensorflow", build, feeds, [("predictions", "float32", (-1, 1000))],
         {"export": {"opset": 17}, "optimize": {"level": "all"},
-         "gates": {"parity": {"default": {"atol": 1e-4, "rtol": 1e-2, "min_cosine": 0.9999}}}},
+         "gates": {"parity": {"default": {"atol": 1e-4, "rtol": 1e-2, "min_cosine": 0.9999}}},
+         **_tuned({"min_cosine": 0.999}, ["dynamo"])},
         _static_int8())
 
 

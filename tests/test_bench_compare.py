@@ -31,5 +31,8 @@ def test_quick_digits_run_writes_every_tool_row(tmp_path):
     for name in ("eager", "ort", "olive", "kiln"):  # these need nothing beyond .venv
         assert result["tools"][name]["status"] == "ok", result["tools"][name]["error"]
     assert result["kiln"]["warm_steps_ran"] == 0 and result["best_peer"]["1"]["ratio"] > 0
+    # kiln's row is the tuned winner, and it meets the parity bar the peers are held to
+    assert result["kiln"]["selected"] == "tuned" and result["best_peer"]["1"]["kiln_passes_bar"]
+    assert result["best_peer"]["1"]["framework"] in ("torch eager", "torch.compile")
     assert (tmp_path / "compare.png").stat().st_size > 0
     assert "digits-cnn" in (tmp_path / "compare.md").read_text()
