@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml constraints.txt
 ## make demo: register the example models in the local registry under artifacts/, build every recipe.
 demo: $(STAMP)
 	$(PY) -m examples.register
-	$(VENV)/bin/kiln run recipes/
+	$(VENV)/bin/kiln run recipes/ recipes/tuned/
 
 ## make bench: kiln side by side with the frameworks, torch.compile, ONNX Runtime, Olive and Optimum (slow, <= 30 min;
 ## BENCH_ARGS="--models digits --repeats 1" for less). Tables, JSON and plot in benchmarks/results/.

@@ -7,13 +7,13 @@ from pipeline.recipe import Recipe, load_recipe
 
 
 def test_example_recipes_are_valid():
-    for path in sorted(RECIPES.glob("*.yaml")):
+    for path in sorted([*RECIPES.glob("*.yaml"), *RECIPES.glob("tuned/*.yaml")]):
         recipe = load_recipe(path)
         assert recipe.source.uri.startswith("models:/")
 
 
 def test_cli_validate_and_schema():
-    result = kiln("validate", str(RECIPES))
+    result = kiln("validate", str(RECIPES), str(RECIPES / "tuned"))
     assert result.returncode == 0, result.stderr
     schema = json.loads(kiln("schema").stdout)
     assert schema["title"] == "Recipe"
