@@ -431,7 +431,7 @@ def validation_problems(error: ValidationError) -> list[str]:
         else:
             message = item["msg"].removeprefix("Value error, ")
             # A section's cross-field check names its field first ("publish: ..."): join it to the path.
-            field = re.match(r"^([a-z_][a-z_0-9]*): ", message)
+            field = re.match(r"^([a-z_][\w.\-\[\]]*): ", message)
             if field:
                 path = field[1] if path == "(recipe)" else f"{path}.{field[1]}"
                 message = message[field.end():]

@@ -100,4 +100,4 @@ def test_schema_wants_passes_exactly_for_kind_olive(tmp_path):
                              ({**DYNAMIC, "kind": "int8-dynamic"}, "only kind olive runs Olive passes")):
         recipe = derive_recipe(tmp_path / "r.yaml", RECIPES / "digits-cnn.yaml", {"variants": [variant]})
         result = kiln("validate", str(recipe))
-        assert result.returncode == 2 and "variants.0: passes: " + problem in result.stderr, result.stderr
+        assert result.returncode == 2 and "variants.0.passes: " + problem in result.stderr, result.stderr
