@@ -167,6 +167,11 @@ def _tuning_sections(tuning: dict) -> list[dict]:
             f"budget: {record['budget']['trials']} trials in {record['budget']['seconds']} s"
             + (f", stopped: {record['budget']['stopped']}" if record["budget"]["stopped"] else ""),
         ]
+        load = record.get("load_average")
+        if load:
+            text.append(f"load average while timing: {load['before']} → {load['after']} on {machine['cores']} cores"
+                        + (" — **busy**: other work competed with the trials, which favours settings that suit that "
+                           "moment (e.g. fewer threads); tune again on a quiet machine" if load["busy"] else ""))
         out.append({"title": title, "text": text, "rows": rows,
                     "header": ["candidate", "exporter", "fusion", "precision", "MB", "mean cosine", "max abs",
                                *[f"p50 ms b{b}" for b in batches], *[f"p95 ms b{b}" for b in batches],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from pipeline.versions import onnxruntime_distribution
 from stages import gate, latency, machine, onnx_runtime
 from stages.tensors import ModelSpec, batch_of, load_arrays
 
-VERSION = 1
+VERSION = 2
 CHUNK = 64
 FINALISTS = 3
 MARGIN = 0.02  # a setting must beat the current best by this fraction to be kept (timing noise)
@@ -211,6 +212,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
 
     with latency.exclusive():  # the budget's clock starts once this step has the machine to itself
         # 2. screening with the target's first settings, 3. one-knob-at-a-time search on the best
+        load_before = os.getloadavg()[0]
         search = _Search(config, spec, feeds, time.perf_counter())
         for row in passing:
             if search.exhausted():
@@ -243,6 +245,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                 break
         search.final(finalists, paths)
         winner = min(finalists, key=lambda t: t["final_objective"])
+        load_after = os.getloadavg()[0]
 
     by_candidate = {}
     for t in search.trials:
@@ -277,6 +280,10 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                    "gates": config["candidates"][winner["candidate"]]["gates"]},
         "budget": {"trials": len(search.trials), "seconds": round(time.perf_counter() - started, 1),
                    "stopped": search.stopped},
+        # Timing on a machine busy with other work favours settings that suit that moment (e.g. fewer
+        # threads); the report says so, since a lock only keeps kiln's own steps apart.
+        "load_average": {"before": round(load_before, 2), "after": round(load_after, 2),
+                         "busy": max(load_before, load_after) > 1.5 * cores},
     })
     (out / "tune.json").write_text(json.dumps(record, indent=2))
     return {"target": target, "skipped": None, "winner": winner["candidate"],

@@ -155,6 +155,10 @@ def test_tuned_winner_is_published_with_its_settings_and_a_missing_gpu_is_skippe
         assert "## Tuning for `cuda`" in report and "skipped: CUDAExecutionProvider" in report
         assert not (bundle / "targets" / "cuda").exists()
     assert "## Tuning for `cpu`" in report and "**winner**" in report
+    # the load the trials ran under is on record: a busy machine's winner may not be a quiet machine's
+    load = cpu["load_average"]
+    assert load["busy"] == (max(load["before"], load["after"]) > 1.5 * cpu["machine"]["cores"])
+    assert f"load average while timing: {load['before']} → {load['after']}" in report
 
     # re-running the tuned recipe measures nothing
     result, again = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(artifacts))
