@@ -157,7 +157,8 @@ def _tuning_sections(tuning: dict) -> list[dict]:
         text = [
             f"objective: {record['objective']} (geometric mean over batch sizes {', '.join(batches)}), lower is "
             f"better; constraint: the parity gates of each candidate's precision",
-            f"winner `{winner['candidate']}`: {opts['providers'][0]} {opts['provider_options'][0] or ''}, "
+            f"winner `{winner['candidate']}`: {opts['providers'][0]}"
+            f"{' ' + str(opts['provider_options'][0]) if opts['provider_options'][0] else ''}, "
             f"{opts['session_options']['intra_op_num_threads']} intra-op threads, "
             f"{opts['session_options']['execution_mode']}, {opts['session_options']['graph_optimization_level']}"
             f"{'' if opts['session_options']['graph_optimization_level'] == 'ORT_DISABLE_ALL' else ' (baked into the model)'}"
