@@ -247,13 +247,14 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         winner = min(finalists, key=lambda t: t["final_objective"])
         load_after = os.getloadavg()[0]
 
-    by_candidate = {}
-    for t in search.trials:
-        if t["objective"] is not None:
-            score = t.get("final_objective", t["objective"])
-            if t["candidate"] not in by_candidate or score < by_candidate[t["candidate"]]["objective"]:
-                by_candidate[t["candidate"]] = {"objective": score, "latency": t.get("final") or t["latency"],
-                                                "label": t["label"]}
+    # Each candidate's best measurement: the final, longer one where it reached the final, else its best trial.
+    by_candidate: dict[str, dict] = {}
+    for t in sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: "final" not in t):
+        score = t.get("final_objective", t["objective"])
+        best = by_candidate.get(t["candidate"])
+        if best is None or (best["final"] == ("final" in t) and score < best["objective"]):
+            by_candidate[t["candidate"]] = {"objective": score, "latency": t.get("final") or t["latency"],
+                                            "final": "final" in t}
     for row in rows:
         best = by_candidate.get(row["candidate"])
         row["objective"] = best["objective"] if best else None

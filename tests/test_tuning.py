@@ -124,7 +124,13 @@ def test_tuned_winner_is_published_with_its_settings_and_a_missing_gpu_is_skippe
     assert {c["precision"] for c in candidates.values()} == {"fp32", "int8-dynamic", "int8-static"}
     # the winner passed its parity gates and had the lowest objective in the final, interleaved comparison
     winner = next(c for c in candidates.values() if c["winner"])
-    assert winner["passed"] and winner["pareto"]
+    assert winner["passed"]
+    timed = [c for c in candidates.values() if c["objective"] is not None]
+    front = [c for c in timed if c["pareto"]]
+    for c in timed:  # off the front means some front member is at least as good on latency, error and size
+        if not c["pareto"]:
+            assert any(f["objective"] <= c["objective"] and f["bytes"] <= c["bytes"]
+                       and 1 - f["error"]["mean_cosine"] <= 1 - c["error"]["mean_cosine"] for f in front), c
     finalists = [t for t in cpu["trials"] if "final_objective" in t]
     assert 1 <= len(finalists) <= 3
     assert min(finalists, key=lambda t: t["final_objective"])["candidate"] == winner["candidate"]
