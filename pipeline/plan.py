@@ -148,8 +148,8 @@ def _tuning_steps(recipe: Recipe, validate: str, source_options: dict) -> list[S
                     quantized = f"{name}:quantize.{variant.name}"
                 else:
                     steps.append(Step(name, f"quantize.{variant.name}.{base}",
-                                      {"variant": variant.model_dump(mode="json", exclude={"gates", "passes"}), "gates": gates,
-                                       "level": fusion.level},
+                                      {"variant": variant.model_dump(mode="json", exclude={"gates", "passes"}),
+                                       "gates": gates, "level": fusion.level},
                                       {"onnx": optimized, "data": f"{name}:data", "metrics": validate},
                                       optional=True))
                     quantized = steps[-1].id
@@ -168,7 +168,8 @@ def _tuning_steps(recipe: Recipe, validate: str, source_options: dict) -> list[S
             "measure": tune.measure.model_dump(mode="json"),
             "candidates": {cid: what for cid, (_, what) in allowed.items()},
         }
-        inputs = {"data": f"{name}:data", "reference": validate, **{f"cand.{cid}": sid for cid, (sid, _) in allowed.items()}}
+        inputs = {"data": f"{name}:data", "reference": validate,
+                  **{f"cand.{cid}": sid for cid, (sid, _) in allowed.items()}}
         steps.append(Step(name, f"tune.{target}", config, inputs, resources=profile.resources))
     return steps
 
