@@ -131,7 +131,10 @@ def _step_worker(title: str, deadline: float) -> psutil.Process:
 
 
 def test_a_worker_killed_mid_step_is_retried_and_leaves_nothing_partial(ray_cluster, registry, tmp_path):
-    recipe = _digits(tmp_path, "digits-kill", validation={"latency": {"batch_sizes": [1, 32], "iterations": 300}})
+    # A fixed, long measurement (no early stop on a precise p50): on a quiet machine 300 runs were over before
+    # the kill, so validate must outlast the 2 s wait below many times over (8000 x 2 runtimes x 2 batches).
+    recipe = _digits(tmp_path, "digits-kill", validation={"latency": {"batch_sizes": [1, 32], "iterations": 8000,
+                                                                       "max_iterations": 8000, "target_ci": None}})
     artifacts, shared = tmp_path / "artifacts", (tmp_path / "shared-store").as_uri()
     args = [sys.executable, "-m", "pipeline", "run", "--json", str(recipe), "--tracking-uri", registry,
             "--artifacts", str(artifacts), "--executor", f"ray={ray_cluster}", "--store-url", shared]
