@@ -6,11 +6,13 @@ same latency harness (stages/latency.py, interleaved rounds):
   ort         ONNX Runtime with default settings on the plain export (kiln's export step: the recipe's exporter)
   olive       Olive (olive-ai) workflow with passes comparable to kiln's on the plain export, local, offline
   optimum     Optimum's ONNX export + O2 optimization + dynamic INT8 (in .venv-optimum; Hugging Face checkpoints)
-  kiln        kiln's published bundle, built through the recipe path (sqlite MLflow registry, `kiln run`)
+  kiln        kiln's published bundle, built through the recipe path (sqlite MLflow registry, `kiln run`):
+              the recipes tune for cpu and publish the winner (`select: tuned`), run with its own settings
 
 For each model: p50 / p95 at batch 1 and 32 as ratios to eager (per repeat, then median with min-max), parity of
 every row vs the original on the same samples (mean per-sample cosine, max abs error), artifact size, build
-wall time, and kiln's warm re-run. A tool that fails on a model is a row with its one-line error.
+wall time, and kiln's warm re-run. A tool that fails on a model is a row with its one-line error. kiln vs the best
+peer counts only peers at or above the model's parity bar (mean cosine); the others are named, not counted.
 
     .venv/bin/python benchmarks/compare.py [--models digits,bert,minilm,resnet50,mobilenetv2] [--repeats 3]
         [--quick] [--out benchmarks/results] [--optimum-python .venv-optimum/bin/python]
