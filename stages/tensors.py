@@ -104,3 +104,14 @@ def batch_of(spec: ModelSpec, feeds: dict[str, np.ndarray], batch: int) -> dict[
     if not spec.batch_axis_named:
         raise ModelError("validation.latency.batch_sizes: the model's first axis is fixed, so batches cannot be built")
     return resize_axes(spec, feeds, {t.shape[0]: batch for t in spec.inputs})
+
+
+CHUNK = 64  # samples per call when computing parity outputs
+
+
+def chunked_outputs(run, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """run(feeds) -> outputs over all samples, CHUNK samples per call when the batch axis is named."""
+    count = next(iter(feeds.values())).shape[0]
+    step = CHUNK if spec.batch_axis_named else count
+    parts = [run({k: v[s : s + step] for k, v in feeds.items()}) for s in range(0, count, step)]
+    return [np.concatenate(pieces, axis=0) if len(parts) > 1 else pieces[0] for pieces in zip(*parts)]

@@ -30,10 +30,9 @@ import numpy as np
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
 from stages import gate, latency, machine, onnx_runtime
-from stages.tensors import ModelSpec, batch_of, load_arrays
+from stages.tensors import ModelSpec, batch_of, chunked_outputs, load_arrays
 
 VERSION = 2
-CHUNK = 64
 FINALISTS = 3
 MARGIN = 0.02  # a setting must beat the current best by this fraction to be kept (timing noise)
 
@@ -44,15 +43,6 @@ def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
 
 def _threads(profile: dict, cores: int) -> list[int]:
     return profile["threads"] or sorted({cores, max(1, cores // 2)}, reverse=True)
-
-
-def _outputs(runner: onnx_runtime.Runner, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    count = next(iter(feeds.values())).shape[0]
-    step = CHUNK if spec.batch_axis_named else count
-    names = [o.name for o in runner.session(feeds).get_outputs()]
-    parts = [runner.run({k: v[s : s + step] for k, v in feeds.items()}) for s in range(0, count, step)]
-    return {n: np.concatenate([p[i] for p in parts], axis=0) if len(parts) > 1 else parts[0][i]
-            for i, n in enumerate(names)}
 
 
 def _error(metrics: dict) -> dict:
@@ -198,7 +188,9 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         row["bytes"] = path.stat().st_size
         try:
             runner = onnx_runtime.Runner(path, _settings(profile, first, engine_cache))
-            found, metrics = gate.judge_parity(_outputs(runner, spec, feeds), reference, labels, what["gates"])
+            names = [o.name for o in runner.session(feeds).get_outputs()]
+            outputs = dict(zip(names, chunked_outputs(runner.run, spec, feeds)))
+            found, metrics = gate.judge_parity(outputs, reference, labels, what["gates"])
             failed = [v for v in found if not v["passed"]]
             row.update(error=_error(metrics), passed=not failed, reason=failed[0]["message"] if failed else None)
         except Exception as exc:  # noqa: BLE001 - a candidate this provider cannot run is out of the race

@@ -15,28 +15,14 @@ import numpy as np
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
 from stages import frameworks, latency, localize, machine, parity
-from stages.tensors import ModelSpec, axis_sizes, batch_of, load_arrays, resize_axes, save_arrays
+from stages.tensors import (CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, load_arrays, resize_axes,
+                            save_arrays)
 
 VERSION = 6
-CHUNK = 64  # samples per call when computing parity outputs
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
     return ["numpy", "onnx", onnxruntime_distribution(), *frameworks.tools(frameworks.flavor_of(inputs))]
-
-
-def _chunks(spec: ModelSpec, feeds: dict[str, np.ndarray]):
-    count = next(iter(feeds.values())).shape[0]
-    if not spec.batch_axis_named:
-        yield feeds
-        return
-    for start in range(0, count, CHUNK):
-        yield {k: v[start : start + CHUNK] for k, v in feeds.items()}
-
-
-def _outputs(run, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    parts = [run(chunk) for chunk in _chunks(spec, feeds)]
-    return [np.concatenate(pieces, axis=0) if len(parts) > 1 else pieces[0] for pieces in zip(*parts)]
 
 
 def _sweep_sizes(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[dict[str, int]]:
@@ -79,8 +65,8 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     runner = onnx_runtime.Runner(inputs["onnx"] / "model.onnx", session)
     names = [o.name for o in runner.session(feeds).get_outputs()]
 
-    reference = _outputs(lambda f: framework.predict(model, spec, f), spec, feeds)
-    candidate = _outputs(runner.run, spec, feeds)
+    reference = chunked_outputs(lambda f: framework.predict(model, spec, f), spec, feeds)
+    candidate = chunked_outputs(runner.run, spec, feeds)
     if len(reference) != len(candidate):
         raise ModelError(f"the ONNX model has {len(candidate)} outputs, the original model returns {len(reference)}")
     save_arrays(out / "reference.npz", dict(zip(names, reference)))

@@ -55,3 +55,13 @@ def flavor_of(inputs: dict[str, Path]) -> str | None:
         return json.loads((inputs["model"] / "source.json").read_text())["flavor"]
     except (OSError, KeyError, ValueError):
         return None
+
+
+def rename_tensor(graph, old: str, new: str) -> None:
+    """Rename an ONNX tensor everywhere the graph names it (node inputs/outputs, graph outputs, value_info)."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in [*graph.output, *graph.value_info]:
+        if value.name == old:
+            value.name = new

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ModelError
+from stages.frameworks import rename_tensor
 from stages.tensors import ModelSpec
 
 TOOLS = ["torch", "mlflow", "onnxscript"]
@@ -145,24 +146,15 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
 def rename_outputs(model, names: list[str]) -> None:
     """Give the graph's outputs these names; a tensor that already has one of them is renamed out of the way."""
     graph = model.graph
-
-    def rename(old: str, new: str) -> None:
-        for node in graph.node:
-            node.input[:] = [new if n == old else n for n in node.input]
-            node.output[:] = [new if n == old else n for n in node.output]
-        for value in [*graph.output, *graph.value_info]:
-            if value.name == old:
-                value.name = new
-
     taken = {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.initializer}
     for output, new in zip(list(graph.output), names):
         if output.name == new:
             continue
         if new in taken:
             spare = next(f"{new}_{i}" for i in range(1, 10**6) if f"{new}_{i}" not in taken)
-            rename(new, spare)
+            rename_tensor(graph, new, spare)
             taken.add(spare)
-        rename(output.name, new)
+        rename_tensor(graph, output.name, new)
         taken.add(new)
 
 

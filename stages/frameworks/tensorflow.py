@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from pipeline.errors import ModelError
+from stages.frameworks import rename_tensor
 from stages.tensors import ModelSpec
 
 TOOLS = ["tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "mlflow"]
@@ -180,20 +181,11 @@ def _name_outputs(proto, names: list[str]) -> None:
     elif len(names) == len(graph_outputs):
         ordered = graph_outputs
         for output, new in zip(graph_outputs, names):
-            _rename_value(proto.graph, output.name, new)
+            rename_tensor(proto.graph, output.name, new)
     else:
         raise ModelError(f"outputs: {len(names)} names given but the converted graph has {len(graph_outputs)} outputs")
     del proto.graph.output[:]
     proto.graph.output.extend(ordered)
-
-
-def _rename_value(graph, old: str, new: str) -> None:
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        node.output[:] = [new if name == old else name for name in node.output]
-    for value in [*graph.output, *graph.value_info]:
-        if value.name == old:
-            value.name = new
 
 
 def _unsupported_ops(proto) -> list[str]:
