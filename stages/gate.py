@@ -9,7 +9,7 @@ from pathlib import Path
 from stages import parity
 from stages.tensors import load_arrays
 
-VERSION = 6
+VERSION = 7
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:

@@ -101,5 +101,8 @@ def mean_row_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     ref = reference.reshape(reference.shape[0], -1)
     cand = candidate.reshape(candidate.shape[0], -1)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    cosines = np.where(norms > 0, np.sum(ref * cand, axis=1) / np.where(norms > 0, norms, 1), 1.0)
+    # A zero row has no direction: it matches only another zero row (an all-zero output is a broken model,
+    # e.g. a softmax quantized away, not a perfect one).
+    same = np.all(ref == cand, axis=1).astype(np.float64)
+    cosines = np.where(norms > 0, np.sum(ref * cand, axis=1) / np.where(norms > 0, norms, 1), same)
     return float(np.mean(cosines))

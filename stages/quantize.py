@@ -22,7 +22,7 @@ from pipeline.versions import onnxruntime_distribution
 from stages import gate, machine
 from stages.tensors import load_arrays
 
-VERSION = 4
+VERSION = 5
 QUANTIZABLE = {"Conv", "MatMul", "Gemm", "Attention", "ConvTranspose", "MatMulNBits"}
 SQNR_SAMPLES = 16
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid"}
@@ -110,6 +110,14 @@ def _finish(raw: Path, target: Path, level: str) -> None:
     ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
 
 
+def _float_outputs(graph) -> list[str]:
+    """Softmax nodes that produce a graph output, kept in float. ONNX Runtime's static quantizer pins a Softmax
+    output to [0, 1] in 1/255 steps, which rounds a spread-out distribution (1000 classes at ~0.001) to all
+    zeros; at a graph output the caller gets floats anyway, so quantizing it buys nothing."""
+    outputs = {o.name for o in graph.output}
+    return [n.name for n in graph.node if n.op_type == "Softmax" and n.name and n.output[0] in outputs]
+
+
 def _judge(path: Path, feeds, reference: dict, labels, gates: dict) -> tuple[list[dict], dict]:
     """The variant's parity verdicts against the original framework's outputs (no latency here)."""
     from stages import onnx_runtime
@@ -189,8 +197,9 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     if kind == "int8-static":
         calibration, calibration_sha = _calibration(feeds, variant["calibration"])
 
-    quantizable = [n.name for n in onnx.load(str(source), load_external_data=False).graph.node
-                   if n.op_type in QUANTIZABLE and n.name]
+    graph = onnx.load(str(source), load_external_data=False).graph
+    quantizable = [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
+    kept_float = _float_outputs(graph) if kind == "int8-static" else []
     budget = int(variant["fallback"]["max_excluded_fraction"] * len(quantizable))
     raw = out.parent / "quantized-raw.onnx"  # outside out/: node names as in the source, for the fallback
     target = out / "model.onnx"
@@ -200,7 +209,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     stopped = None
     probe = {k: v[:SQNR_SAMPLES] for k, v in feeds.items()}
     try:
-        _quantize(kind, variant, source, raw, calibration, reduce_range, excluded)
+        _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
         _finish(raw, target, config["level"])
         found, measured = _judge(target, feeds, reference, labels, gates)
         first = measured
@@ -224,7 +233,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             chosen = ranked[: min(fallback["nodes_per_round"], room)]
             tried.update(r["node"] for r in chosen)
             trial = excluded + [r["node"] for r in chosen]
-            _quantize(kind, variant, source, raw, calibration, reduce_range, trial)
+            _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + trial)
             _finish(raw, target, config["level"])
             trial_found, trial_measured = _judge(target, feeds, reference, labels, gates)
             helped = _score(trial_found, trial_measured) > _score(found, measured)
@@ -233,7 +242,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             if helped:
                 excluded, found, measured = trial, trial_found, trial_measured
             else:  # keeping these in float did not help: quantize them again and try the next ones
-                _quantize(kind, variant, source, raw, calibration, reduce_range, excluded)
+                _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
                 _finish(raw, target, config["level"])
     except ModelError:
         raise
@@ -250,6 +259,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "calibration": {**variant["calibration"], "sha256": calibration_sha} if calibration_sha else None,
         "quantizable_nodes": len(quantizable),
         "before_fallback": first,
+        "kept_float": kept_float,
         "fallback": {"rounds": rounds, "excluded": excluded, "stopped": stopped},
         "passes_parity": all(v["passed"] for v in found),
         "bytes": target.stat().st_size,

@@ -32,7 +32,7 @@ from pipeline.versions import onnxruntime_distribution
 from stages import gate, latency, machine, onnx_runtime
 from stages.tensors import ModelSpec, batch_of, chunked_outputs, load_arrays
 
-VERSION = 2
+VERSION = 3
 FINALISTS = 3
 MARGIN = 0.02  # a setting must beat the current best by this fraction to be kept (timing noise)
 

@@ -18,7 +18,7 @@ from stages import frameworks, latency, localize, machine, parity
 from stages.tensors import (CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, load_arrays, resize_axes,
                             save_arrays)
 
-VERSION = 6
+VERSION = 7
 
 
 def tools(config: dict, inputs: dict[str, Path]) -> list[str]:

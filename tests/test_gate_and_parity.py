@@ -39,6 +39,14 @@ def test_compare_measures():
     assert flipped["top1_agreement"] == 0.0
 
 
+def test_an_all_zero_output_row_is_not_a_match():
+    # A softmax quantized to zeros must not read as a perfect per-sample cosine; two zero rows do match.
+    reference = np.array([[0.001, 0.002, 0.997], [0.0, 0.0, 0.0]])
+    assert parity.mean_row_cosine(reference, np.zeros_like(reference)) == 0.5
+    assert parity.mean_row_cosine(reference, reference) == pytest.approx(1.0)
+    assert parity.compare(reference[:1], np.zeros((1, 3)))["mean_row_cosine"] == 0.0
+
+
 def test_nan_is_counted_and_fails():
     ref = np.ones((2, 3), np.float32)
     cand = ref.copy()

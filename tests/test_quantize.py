@@ -113,3 +113,44 @@ def test_calibration_is_reproducible_byte_for_byte(registry, tmp_path):
         assert result.returncode == 0, result.stderr
         hashes.append(sha256_file(Path(summary["recipes"][0]["bundle"]) / "model.onnx"))
     assert hashes[0] == hashes[1]
+
+
+def test_static_int8_keeps_a_softmax_graph_output_in_float(tmp_path):
+    # 1000 near-uniform classes (~0.001 each): ONNX Runtime quantizes a Softmax output in 1/255 steps of [0, 1],
+    # i.e. to zeros. kiln keeps that Softmax in float; the MatMul before it is still quantized.
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from stages import quantize
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((16, 1000)) * 0.01).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
+         helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1)],
+        "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 1000])], [weight])
+    source = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    feeds = {"x": rng.standard_normal((32, 16)).astype(np.float32)}
+    variant = {"per_channel": False, "activation_type": "uint8", "weight_type": "int8",
+               "calibration": {"method": "minmax"}}
+    kept = quantize._float_outputs(onnx.load(str(source)).graph)
+    assert kept == ["softmax"]
+
+    def outputs(exclude: list[str]) -> tuple[np.ndarray, set[str]]:
+        target = tmp_path / f"q{len(exclude)}.onnx"
+        quantize._quantize("int8-static", variant, source, target, feeds, False, exclude)
+        ops = {n.op_type for n in onnx.load(str(target)).graph.node}
+        return ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, feeds)[0], ops
+
+    reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    zeroed, _ = outputs([])
+    assert not zeroed.any()  # what ORT alone gives: every probability rounded away
+    kept_out, ops = outputs(kept)
+    assert "QuantizeLinear" in ops  # the MatMul is still INT8
+    from stages.parity import mean_row_cosine
+
+    assert mean_row_cosine(reference, kept_out) > 0.99
