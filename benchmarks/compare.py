@@ -1,5 +1,5 @@
 """kiln side by side with the original framework and the peers, in one process run, on the same inputs, with the
-same latency harness (stages/latency.py, interleaved rounds):
+same timing code (each tool in a warm block of its own per repeat, the order rotating between repeats):
 
   eager       torch eager (TensorFlow eager for the Keras model): the baseline every ratio is to
   compiled    torch.compile, CPU inductor (tf.function(jit_compile=True), XLA, for the Keras model)
@@ -7,7 +7,8 @@ same latency harness (stages/latency.py, interleaved rounds):
   olive       Olive (olive-ai) workflow with passes comparable to kiln's on the plain export, local, offline
   optimum     Optimum's ONNX export + O2 optimization + dynamic INT8 (in .venv-optimum; Hugging Face checkpoints)
   kiln        kiln's published bundle, built through the recipe path (sqlite MLflow registry, `kiln run`):
-              the recipes tune for cpu and publish the winner (`select: tuned`), run with its own settings
+              the recipes tune for cpu and publish the winner (`select: tuned`), run with its own settings;
+              their search space is what a user who knows the model family would write (benchmarks/zoo.py)
 
 For each model: p50 / p95 at batch 1 and 32 as ratios to eager (per repeat, then median with min-max), parity of
 every row vs the original on the same samples (mean per-sample cosine, max abs error), artifact size, build
@@ -274,31 +275,45 @@ def _parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
 
 def _timings(tools: list[Tool], feeds: dict, args) -> dict:
-    """Per batch: each repeat is one interleaved measurement of every working tool; ratios within a repeat."""
-    from stages.latency import measure
+    """Per batch and repeat, each working tool runs in a warm block of its own: warm-up calls, then timed calls
+    until its share of the budget is used (at least --min-iterations, at most 100). Blocks, not call-by-call
+    interleaving: in one process, a runtime's first calls after another runtime's (a thread pool still
+    spinning, caches full of the other's weights) are slower, and which tool came second decided the ratio.
+    The order rotates every repeat so drift spreads evenly; ratios are taken within a repeat."""
+    from stages.latency import exclusive, stats
 
     results: dict = {}
     for batch in BATCHES:
         batch_feeds = {k: v[:batch] for k, v in feeds.items()}
-        calls = {}
+        calls, costs = {}, {}
         for tool in tools:
             if tool.error is None:
                 try:
-                    calls[tool.name] = tool.call_for(batch_feeds)
-                    calls[tool.name]()
+                    call = tool.call_for(batch_feeds)
+                    call()
+                    started = time.perf_counter()
+                    call()
+                    costs[tool.name], calls[tool.name] = time.perf_counter() - started, call
                 except Exception as exc:  # noqa: BLE001
                     tool.fail(exc)
-                    calls.pop(tool.name, None)
-        costs = {}
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            costs[name] = time.perf_counter() - started
-        round_cost = max(sum(costs.values()), 1e-6)
-        iterations = int(min(100, max(args.min_iterations, args.budget / round_cost)))
-        # The calls ran twice above; later repeats need only one warm-up call each.
-        runs = [measure(calls, batch=batch, warmup=args.warmup if repeat == 0 else 1, iterations=iterations)
-                for repeat in range(args.repeats)]
+        counts = {name: int(min(100, max(args.min_iterations, args.budget / max(cost, 1e-6))))
+                  for name, cost in costs.items()}
+        names = list(calls)
+        runs = []
+        with exclusive():  # no kiln timing elsewhere on this machine meanwhile
+            for repeat in range(args.repeats):
+                order = names[repeat % len(names):] + names[: repeat % len(names)] if names else []
+                run = {}
+                for name in order:
+                    for _ in range(args.warmup):
+                        calls[name]()
+                    samples = []
+                    for _ in range(counts[name]):
+                        begin = time.perf_counter_ns()
+                        calls[name]()
+                        samples.append((time.perf_counter_ns() - begin) / 1e6)
+                    run[name] = stats(samples, batch)
+                runs.append(run)
         per_tool = {}
         for name in calls:
             p50 = np.array([r[name]["p50_ms"] for r in runs])
@@ -473,15 +488,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved measurements per batch size")
-    parser.add_argument("--budget", type=float, default=6.0, help="seconds of timed runs per repeat and batch")
-    parser.add_argument("--min-iterations", type=int, default=5, help="timed runs per tool at the least")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=2.0,
+                        help="seconds of timed runs per tool, repeat and batch size")
+    parser.add_argument("--min-iterations", type=int, default=3, help="timed runs per tool and repeat at the least")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each tool's block")
     parser.add_argument("--quick", action="store_true", help="harness check: 1 repeat, minimal timing")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--optimum-python", type=Path, default=ROOT / ".venv-optimum" / "bin" / "python")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.budget, args.min_iterations, args.warmup = 1, 0.5, 5, 1
+        args.repeats, args.budget, args.min_iterations, args.warmup = 1, 0.2, 3, 1
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in MODELS]
     if unknown:
