@@ -40,7 +40,7 @@ def _tuned(precision_gate: dict, exporters: list[str], kinds: list[str], fusion:
     return {"tune": {"targets": ["cpu"], "batch_sizes": [1, 32], "space": space,
                      "profiles": {"cpu": {"provider": "CPUExecutionProvider", "precisions": ["fp32", *kinds]}},
                      "gates": {"default": precision_gate},
-                     "budget": {"max_trials": 16, "time_budget_s": 120, "top_candidates": 2},
+                     "budget": {"max_trials": 16, "time_budget_s": 90, "top_candidates": 2},
                      "measure": {"trial_seconds": 2.0, "final_seconds": 6.0}},
             "select": "tuned"}
 
@@ -132,7 +132,9 @@ def _minilm() -> BenchModel:
         {"export": {"exporter": "torchscript", "opset": 17},
          "optimize": {"level": "extended", "transformer": {"model_type": "bert", "num_heads": 12, "hidden_size": 384}},
          "gates": {"parity": {"default": {"atol": 1e-3, "rtol": 1e-2, "min_mean_cosine": 0.9999}}},
-         **_tuned({"min_mean_cosine": 0.99}, ["torchscript", "dynamo"], ["int8-dynamic"],
+         # TorchScript only: the dynamo exports of MiniLM fuse less and measured 1.5-1.8x slower at every
+         # precision here; the BERT example keeps both exporters in its search.
+         **_tuned({"min_mean_cosine": 0.99}, ["torchscript"], ["int8-dynamic"],
                   [{"level": "extended", "transformer": {"model_type": "bert", "num_heads": 12, "hidden_size": 384}},
                    {"level": "all"}])},
         _bert_passes(12, 384), checkpoint, pooled=True, min_cosine=0.99)
