@@ -503,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)} (known: {', '.join(MODELS)})")
     os.environ.update(ENV)
+    # torch.compile's build time is a cold compile, like a user's first: no inductor cache from an earlier run.
+    inductor = tempfile.TemporaryDirectory(prefix="kiln-bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor.name
     from stages.machine import describe
 
     machine = describe()
@@ -511,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "notes": ["kiln's build time includes its validation (original vs ONNX parity and latency) and report;",
                   "Olive's and ORT's include the plain export (kiln's export step); Optimum's its own export;",
-                  "torch.compile's is the first call at each batch size. Noisy shared 2-core machine: compare ratios."],
+                  "torch.compile's is the first call at each batch size, from an empty inductor cache.",
+                  "Noisy shared 2-core machine: compare ratios."],
         "seconds": 0.0,
         "results": [],
     }
@@ -528,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         # Written after every model, so a run cut short keeps what it measured.
         (args.out / "compare.json").write_text(json.dumps(report, indent=2, default=str))
         (args.out / "compare.md").write_text(markdown(report))
+    inductor.cleanup()
     plot(report, args.out / "compare.png")
     print(markdown(report))
     print(f"{report['seconds']:.0f} s; wrote {args.out / 'compare.md'}, compare.json, compare.png", file=sys.stderr)
