@@ -15,7 +15,7 @@ every row vs the original on the same samples (mean per-sample cosine, max abs e
 wall time, and kiln's warm re-run. A tool that fails on a model is a row with its one-line error. kiln vs the best
 peer counts only peers at or above the model's parity bar (mean cosine); the others are named, not counted.
 
-    .venv/bin/python benchmarks/compare.py [--models digits,bert,minilm,resnet50,mobilenetv2] [--repeats 3]
+    .venv/bin/python benchmarks/compare.py [--models digits,bert,minilm,resnet50,mobilenetv2] [--repeats 2]
         [--quick] [--out benchmarks/results] [--optimum-python .venv-optimum/bin/python]
 
 Writes compare.md, compare.json and compare.png under --out (git-ignored) and prints the tables.
@@ -305,7 +305,8 @@ def _timings(tools: list[Tool], feeds: dict, args) -> dict:
                 order = names[repeat % len(names):] + names[: repeat % len(names)] if names else []
                 run = {}
                 for name in order:
-                    for _ in range(args.warmup):
+                    # A call of half a second or more dwarfs the first-call slowdown (milliseconds): no warm-up.
+                    for _ in range(args.warmup if costs[name] < 0.5 else 0):
                         calls[name]()
                     samples = []
                     for _ in range(counts[name]):
@@ -487,7 +488,7 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved measurements per batch size")
+    parser.add_argument("--repeats", type=int, default=2, help="measurements of every tool per batch size")
     parser.add_argument("--budget", type=float, default=2.0,
                         help="seconds of timed runs per tool, repeat and batch size")
     parser.add_argument("--min-iterations", type=int, default=3, help="timed runs per tool and repeat at the least")
