@@ -47,7 +47,7 @@ demo: $(STAMP)
 	$(PY) -m examples.register
 	$(VENV)/bin/kiln run recipes/ recipes/tuned/
 
-## make bench: kiln side by side with the frameworks, torch.compile, ONNX Runtime, Olive and Optimum (slow, MINUTES here;
+## make bench: kiln side by side with the frameworks, torch.compile, ONNX Runtime, Olive and Optimum (slow, 26 min here;
 ## BENCH_ARGS="--models digits --repeats 1" for less). Tables, JSON and plot in benchmarks/results/.
 bench: $(STAMP) $(OPTIMUM_STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
