@@ -1,0 +1,192 @@
+"""What stages hand each other, named once: the artifact kinds a step's `out/` folder can hold, and typed readers
+and writers for their files. No stage opens another stage's files by name; it calls these.
+
+A kind is a plain string, so the engine can check that a step's inputs are wired to steps that produce what the
+stage declares (`INPUTS` / `OUTPUT` in each stage module) without knowing what the files are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.tensors import ModelSpec, load_arrays, save_arrays
+
+# The kinds, and the files each holds (besides any a stage adds for its own report).
+SOURCE = "source"  # fetch: source.json (flavor, uri, signature, ...) and model/ (the MLflow model as downloaded)
+SAMPLES = "samples"  # data: spec.json, inputs.npz, labels.npz (when the data has labels)
+ONNX = "onnx"  # model.onnx; optimize adds quantizable.onnx, quantize/olive add quantize.json, tune adds
+#                tune.json and session_config.json
+METRICS = "metrics"  # validate: metrics.json, reference.npz, candidate.npz, sweep.npz
+VERDICTS = "verdicts"  # gate: verdicts.json
+SERVING = "serving"  # serve.<target>: the target's files, or SKIPPED with the reason
+BUNDLE = "bundle"  # publish: the hand-off bundle (manifest.json, model.onnx, reports, ...)
+REGISTERED = "registered"  # register: registered.json
+
+KINDS = (SOURCE, SAMPLES, ONNX, METRICS, VERDICTS, SERVING, BUNDLE, REGISTERED)
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _optional_json(path: Path) -> Any | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, value: Any, **options: Any) -> None:
+    """Inside a step's private folder (committed atomically by the store), so a plain write is enough."""
+    path.write_text(json.dumps(value, indent=2, **options))
+
+
+# --- SOURCE (fetch) -----------------------------------------------------------------------------------------------
+
+def source(folder: Path) -> dict:
+    """fetch's description of the model: uri, name, version, run_id, flavor, signature, input_example, ..."""
+    return _json(folder / "source.json")
+
+
+def write_source(out: Path, description: dict) -> None:
+    write_json(out / "source.json", description)
+
+
+def model_dir(folder: Path) -> Path:
+    """The MLflow model folder as downloaded (MLmodel and the flavor's files)."""
+    return folder / "model"
+
+
+def flavor(folder: Path) -> str | None:
+    """The flavor fetch recorded, or None when the folder holds no source yet."""
+    try:
+        return source(folder)["flavor"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# --- SAMPLES (data) -----------------------------------------------------------------------------------------------
+
+def spec(folder: Path) -> ModelSpec:
+    return ModelSpec.load(folder / "spec.json")
+
+
+def inputs(folder: Path) -> dict[str, np.ndarray]:
+    return load_arrays(folder / "inputs.npz")
+
+
+def labels(folder: Path) -> np.ndarray | None:
+    path = folder / "labels.npz"
+    return load_arrays(path)["labels"] if path.exists() else None
+
+
+def write_samples(out: Path, model_spec: ModelSpec, arrays: dict[str, np.ndarray], label_array: np.ndarray | None) -> None:
+    save_arrays(out / "inputs.npz", arrays)
+    if label_array is not None:
+        save_arrays(out / "labels.npz", {"labels": label_array})
+    model_spec.save(out / "spec.json")
+
+
+# --- ONNX (export, optimize, quantize, olive, tune) -----------------------------------------------------------------
+
+def onnx_model(folder: Path) -> Path:
+    return folder / "model.onnx"
+
+
+def quantizable(folder: Path) -> Path:
+    """optimize's copy at the basic level, which precision variants start from (fused CPU kernels don't quantize)."""
+    return folder / "quantizable.onnx"
+
+
+def quantize_record(folder: Path) -> dict | None:
+    """A precision variant's record (kind, fallback rounds, calibration hash), or None for an FP32 model."""
+    return _optional_json(folder / "quantize.json")
+
+
+def write_quantize_record(out: Path, record: dict) -> None:
+    write_json(out / "quantize.json", record)
+
+
+def tune_record(folder: Path) -> dict | None:
+    """A tune step's record (candidates, trials, winner), or None for a model that was not tuned."""
+    return _optional_json(folder / "tune.json")
+
+
+def write_tune_record(out: Path, record: dict) -> None:
+    write_json(out / "tune.json", record)
+
+
+def session_config(folder: Path) -> dict | None:
+    """The ONNX Runtime settings a tuned model won with, or None."""
+    return _optional_json(folder / "session_config.json")
+
+
+def write_session_config(out: Path, settings: dict) -> None:
+    write_json(out / "session_config.json", settings)
+
+
+# --- METRICS (validate) -------------------------------------------------------------------------------------------
+
+def metrics(folder: Path) -> dict:
+    return _json(folder / "metrics.json")
+
+
+def reference(folder: Path) -> dict[str, np.ndarray]:
+    """The original framework's outputs on the validation samples, by ONNX output name."""
+    return load_arrays(folder / "reference.npz")
+
+
+def candidate(folder: Path) -> dict[str, np.ndarray]:
+    """The ONNX model's outputs on the same samples."""
+    return load_arrays(folder / "candidate.npz")
+
+
+def sweep(folder: Path) -> dict[str, np.ndarray]:
+    """Outputs at other sizes of the dynamic axes: '<trial>/reference/<output>' and '<trial>/candidate/<output>'."""
+    path = folder / "sweep.npz"
+    return load_arrays(path) if path.exists() else {}
+
+
+def write_outputs(out: Path, reference_arrays: dict[str, np.ndarray], candidate_arrays: dict[str, np.ndarray]) -> None:
+    save_arrays(out / "reference.npz", reference_arrays)
+    save_arrays(out / "candidate.npz", candidate_arrays)
+
+
+def write_sweep(out: Path, arrays: dict[str, np.ndarray]) -> None:
+    save_arrays(out / "sweep.npz", arrays)
+
+
+def write_metrics(out: Path, value: dict) -> None:
+    write_json(out / "metrics.json", value)
+
+
+# --- VERDICTS (gate) ----------------------------------------------------------------------------------------------
+
+def verdicts(folder: Path) -> dict:
+    return _json(folder / "verdicts.json")
+
+
+def write_verdicts(out: Path, value: dict) -> None:
+    write_json(out / "verdicts.json", value)
+
+
+# --- SERVING (serve.<target>) ---------------------------------------------------------------------------------------
+
+def skipped(folder: Path) -> str | None:
+    path = folder / "SKIPPED"
+    return path.read_text().strip() if path.exists() else None
+
+
+def write_skipped(out: Path, reason: str) -> None:
+    (out / "SKIPPED").write_text(reason + "\n")
+
+
+# --- BUNDLE (publish) and REGISTERED (register) ---------------------------------------------------------------------
+
+def manifest(folder: Path) -> dict:
+    return _json(folder / "manifest.json")
+
+
+def write_registered(out: Path, record: dict) -> None:
+    write_json(out / "registered.json", record)
