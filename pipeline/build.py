@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import KilnError, RecipeError
-from pipeline.executor import make_executor
+from pipeline.errors import BadInput, KilnError, RecipeError
+from pipeline.executor import Executor, InlineExecutor, LocalProcessExecutor
 from pipeline.plan import RecipePlan, plan_recipe
 from pipeline.runner import Runner, RunSummary
 from pipeline.settings import Settings
@@ -70,3 +70,18 @@ def build(plans: list[RecipePlan], settings: Settings, executor: str | None = No
             except (KilnError, OSError, Exception) as exc:  # noqa: BLE001 - the build result stands either way
                 warn(f"kiln: {outcome.recipe}: could not record the failure in the registry: {exc}")
     return summary
+
+
+def make_executor(name: str, jobs: int, store_url: str | None = None) -> Executor:
+    if name == "local":
+        return LocalProcessExecutor(jobs)
+    if name == "inline":
+        return InlineExecutor()
+    if name == "ray" or name.startswith("ray="):
+        from pipeline.ray_executor import RayExecutor  # imports ray only now
+
+        try:
+            return RayExecutor(name.partition("=")[2] or None, jobs, store_url)
+        except ImportError as exc:
+            raise BadInput(f"--executor {name}: Ray is not installed ({exc}); pip install 'modelkiln[ray]'") from None
+    raise BadInput(f"--executor {name}: unknown executor (known: local, inline, ray, ray=ADDRESS)")

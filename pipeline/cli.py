@@ -189,17 +189,18 @@ def validate(recipes) -> None:
 @_guard
 def targets(recipes, as_json) -> None:
     """List the hardware targets this machine can tune for: the built-in profiles and those RECIPES define."""
+    from pipeline import registry
     from pipeline.hardware import BUILTIN
     from pipeline.recipe import load_recipe
-    from stages import machine
 
     profiles = dict(BUILTIN)
     for path in _recipe_files(recipes) if recipes else []:
         tune = load_recipe(path).tune
         profiles.update(tune.profiles if tune else {})
-    here = machine.describe()
-    rows = [{"target": name, "provider": p.provider, "available": machine.unavailable_reason(p.provider, here) is None,
-             "reason": machine.unavailable_reason(p.provider, here), "precisions": p.precisions,
+    here = registry.describe_machine()
+    rows = [{"target": name, "provider": p.provider,
+             "available": registry.unavailable_reason(p.provider, here) is None,
+             "reason": registry.unavailable_reason(p.provider, here), "precisions": p.precisions,
              "description": p.description} for name, p in profiles.items()]
     if as_json:
         click.echo(json.dumps({"machine": here, "targets": rows}, indent=2))
@@ -332,7 +333,7 @@ def webhook_server(recipes, artifacts, tracking_uri, host, port, secret_env) -> 
 @_guard
 def verify_store(artifacts, tracking_uri) -> None:
     """Re-hash every store entry and report any that do not match their record."""
-    from pipeline.store import open_store
+    from pipeline import open_store
 
     settings = Settings.from_env(artifacts)
     store = open_store(settings.store_root, settings.store_url)  # with KILN_STORE_URL, the shared store too

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from pipeline.errors import KilnError, StageCrashed
 from pipeline.settings import quiet_environment
-from pipeline.store import open_store
+from pipeline import open_store
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _inputs(task: Task, store) -> dict[str, Path]:
 def execute(task: Task, worker: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a step and commit its outputs; returns the committed entry's meta (`worker`: where it ran)."""
     quiet_environment()
-    from stages import load_stage
+    from pipeline import registry  # imports the stages only in the worker
 
     store = open_store(Path(task.store_root), task.store_url)
     existing = store.lookup(task.key)
@@ -65,8 +65,7 @@ def execute(task: Task, worker: dict[str, Any] | None = None) -> dict[str, Any]:
     folder = store.begin(task.key)
     started = time.perf_counter()
     try:
-        stage = load_stage(task.stage)
-        summary = stage.run(task.config, inputs, folder / "out", task.context)
+        summary = registry.run(task.stage, task.config, inputs, folder / "out", task.context)
     except KilnError:
         store.abandon(folder)
         raise
@@ -139,20 +138,3 @@ class LocalProcessExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-
-def make_executor(name: str, jobs: int, store_url: str | None = None) -> Executor:
-    if name == "local":
-        return LocalProcessExecutor(jobs)
-    if name == "inline":
-        return InlineExecutor()
-    from pipeline.errors import BadInput
-
-    if name == "ray" or name.startswith("ray="):
-        from pipeline.ray_executor import RayExecutor  # imports ray only now
-
-        try:
-            return RayExecutor(name.partition("=")[2] or None, jobs, store_url)
-        except ImportError as exc:
-            raise BadInput(f"--executor {name}: Ray is not installed ({exc}); pip install 'modelkiln[ray]'") from None
-    raise BadInput(f"--executor {name}: unknown executor (known: local, inline, ray, ray=ADDRESS)")

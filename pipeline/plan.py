@@ -1,4 +1,12 @@
-"""Turn a recipe into a DAG of steps. A step's cache key is computed when its inputs are known:
+"""Turn a recipe into a DAG of steps, derived from what each stage declares.
+
+Every stage module in the registry may add steps for a recipe (`plan(graph)`) and for every candidate model
+(`plan_candidate(graph, candidate)`: validate and gate do). A step names its inputs by the steps that produce
+them; the planner checks each step's config against its stage's `Config` (a bad value is a recipe error with
+its field path, before anything runs), each input against the kinds the stage declares (`INPUTS`) and the
+producer's `OUTPUT`, and orders the steps so that every step comes after what it reads.
+
+A step's cache key is computed when its inputs are known:
 
     key = sha256(stage, stage VERSION, keyed config, each input's output hash, external files' sha256,
                  versions of the tools the stage uses)
@@ -10,24 +18,27 @@ is reused even if something further upstream changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from pipeline import hardware
+from pydantic import BaseModel, ValidationError
+
+from pipeline import registry
+from pipeline.errors import RecipeError
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.mlflow_registry import SourceRef
-from pipeline.recipe import Recipe, Variant
+from pipeline.recipe import Recipe, validation_problems
 from pipeline.settings import Settings
 from pipeline.store import Entry
 from pipeline.versions import versions
-from stages import load_stage
 
 
 @dataclass
 class Step:
     recipe: str
-    stage: str
-    config: dict[str, Any]  # keyed
+    stage: str  # the stage, or `<stage>.<what>` for one variant, target or candidate of it
+    config: BaseModel  # the stage's Config; keyed
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> upstream step id
     files: dict[str, str] = field(default_factory=dict)  # name -> external file whose content is keyed
     context: dict[str, Any] = field(default_factory=dict)  # not keyed: where things live
@@ -38,10 +49,137 @@ class Step:
     # Not keyed: a failure here does not fail the recipe. Optional steps that read its output fail with it;
     # other steps run without that input and find the reason in context["missing"] (tuning candidates).
     optional: bool = False
+    deliver_to: Path | None = None  # not keyed: where the runner puts this step's output once built (a bundle)
 
     @property
     def id(self) -> str:
         return f"{self.recipe}:{self.stage}"
+
+
+@dataclass
+class Candidate:
+    """A model the recipe may publish (fp32, each precision variant, the tuned winner), and the steps that
+    measure and judge it, filled in by the stages that plan per candidate."""
+
+    name: str
+    model: str  # the step whose out/ holds its model.onnx
+    exported: str  # the graph compared layer by layer against the original
+    parity: BaseModel | None = None  # its own parity gates; None: the recipe's
+    checks: dict[str, str] = field(default_factory=dict)  # more inputs its gate reads (how it was built)
+    session: str | None = None  # the step whose session settings it is validated with
+    metrics: str = ""
+    verdicts: str = ""
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.name == "fp32" else f".{self.name}"
+
+
+class Graph:
+    """What a stage's plan hook sees: the recipe, where its bundle goes, the candidates, and `add` for steps.
+    Step names are local to the recipe (`optimize`, `quantize.int8`); inputs name the steps that produce them."""
+
+    def __init__(self, recipe: Recipe, recipe_path: Path, source: SourceRef, dest_root: Path):
+        self.recipe, self.recipe_path, self.source, self.dest_root = recipe, recipe_path, source, dest_root
+        self.bundle_dest = dest_root / recipe.name / f"v{source.version}"
+        self.recipe_digest = recipe_digest(recipe)
+        self.steps: dict[str, Step] = {}
+        self.candidates: dict[str, Candidate] = {}
+
+    def add(self, stage: str, config: dict | BaseModel, inputs: dict[str, str] | None = None, **options: Any) -> str:
+        """Plan one step; returns its name. `options`: files, context, after, resources, optional, deliver_to."""
+        if stage in self.steps:
+            raise RecipeError(f"recipe {self.recipe_path}: two steps named {stage!r}")
+        inputs = inputs or {}
+        _check_input_names(stage, inputs)
+        prefix = f"{self.recipe.name}:"
+        options["after"] = [prefix + name for name in options.get("after", [])]
+        self.steps[stage] = Step(self.recipe.name, stage, self._config(stage, config),
+                                 {n: prefix + s for n, s in inputs.items()}, **options)
+        return stage
+
+    def add_candidate(self, name: str, **described: Any) -> Candidate:
+        """A model that may be published: every stage with a `plan_candidate` hook plans its steps for it."""
+        candidate = self.candidates[name] = Candidate(name, **described)
+        for module in registry.planners():
+            if hasattr(module, "plan_candidate"):
+                module.plan_candidate(self, candidate)
+        return candidate
+
+    def names(self, prefix: str) -> list[str]:
+        """The planned steps whose name starts with prefix (e.g. every `serve.` target), in planning order."""
+        return [name for name in self.steps if name.startswith(prefix)]
+
+    def resolve(self, value: str) -> Path:
+        return resolve_path(self.recipe_path, value)
+
+    def baseline(self) -> dict[str, dict]:
+        """The previous published version's manifest, for the latency regression gate: step files and context."""
+        if self.recipe.gates.latency.max_regression is None:
+            return {}
+        version = self.source.version
+        older = [(int(m.parent.name[1:]), m) for m in (self.dest_root / self.recipe.name).glob("v*/manifest.json")
+                 if m.parent.name[1:].isdigit() and version.isdigit() and int(m.parent.name[1:]) < int(version)]
+        if not older:
+            return {}
+        latest = str(max(older)[1])
+        return {"files": {"baseline": latest}, "context": {"baseline": latest}}
+
+    def _config(self, stage: str, config: dict | BaseModel) -> BaseModel:
+        model = registry.stage(stage).Config
+        data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(f"recipe {self.recipe_path}: step {stage}: {validation_problems(exc)[0]} "
+                              f"(a stage's plan hook passed a value its Config refuses)") from None
+
+    def ordered(self) -> list[Step]:
+        """Every step after the steps it reads, otherwise in planning order; unknown or mistyped inputs refused."""
+        by_id = {step.id: step for step in self.steps.values()}
+        for step in by_id.values():
+            _check_wiring(step, by_id, self.recipe_path)
+        done: dict[str, Step] = {}
+        while len(done) < len(by_id):
+            ready = [s for s in by_id.values() if s.id not in done
+                     and all(i in done for i in [*s.inputs.values(), *s.after])]
+            if not ready:
+                raise RecipeError(f"recipe {self.recipe_path}: steps wait on each other "
+                                  f"({', '.join(s for s in by_id if s not in done)})")
+            done[ready[0].id] = ready[0]
+        return list(done.values())
+
+
+def resolve_path(recipe_path: Path, value: str) -> Path:
+    """A path from the recipe: relative to the recipe's folder."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (recipe_path.parent / path).resolve()
+
+
+def _declared_kind(stage: str, name: str) -> str | None:
+    declared = registry.stage(stage).INPUTS
+    return declared.get(name) or next((kind for pattern, kind in declared.items() if fnmatchcase(name, pattern)), None)
+
+
+def _check_input_names(stage: str, inputs: dict[str, str]) -> None:
+    for name in inputs:
+        if _declared_kind(stage, name) is None:
+            raise RecipeError(f"step {stage}: input {name!r} is not one its stage declares "
+                              f"({', '.join(registry.stage(stage).INPUTS)})")
+
+
+def _check_wiring(step: Step, by_id: dict[str, Step], recipe_path: Path) -> None:
+    for name, upstream in step.inputs.items():
+        producer = by_id.get(upstream)
+        if producer is None:
+            raise RecipeError(f"recipe {recipe_path}: step {step.stage} reads {name!r} from {upstream}, which is not planned")
+        wanted, made = _declared_kind(step.stage, name), registry.stage(producer.stage).OUTPUT
+        if wanted != made:
+            raise RecipeError(f"recipe {recipe_path}: step {step.stage} wants {wanted} as {name!r}, "
+                              f"but {producer.stage} makes {made}")
+    for upstream in step.after:
+        if upstream not in by_id:
+            raise RecipeError(f"recipe {recipe_path}: step {step.stage} waits for {upstream}, which is not planned")
 
 
 @dataclass
@@ -50,7 +188,7 @@ class RecipePlan:
     path: Path
     source: SourceRef
     steps: list[Step]  # topological order
-    bundle_dest: Path  # where the publish step's output is delivered
+    bundle_dest: Path  # where the bundle goes (the step with deliver_to says so too)
 
     @property
     def name(self) -> str:
@@ -59,16 +197,15 @@ class RecipePlan:
 
 def step_tools(step: Step, inputs: dict[str, Entry]) -> dict[str, str | None]:
     """Versions of the tools the step's stage uses (it may look at its inputs, e.g. the model's flavor)."""
-    return versions(load_stage(step.stage).tools(step.config, {name: e.out for name, e in inputs.items()}))
+    return versions(registry.tools(step.stage, step.config, {name: e.out for name, e in inputs.items()}))
 
 
 def step_key(step: Step, inputs: dict[str, Entry]) -> str:
-    stage = load_stage(step.stage)
     return sha256_json(
         {
             "stage": step.stage,
-            "stage_version": stage.VERSION,
-            "config": step.config,
+            "stage_version": registry.stage(step.stage).VERSION,
+            "config": registry.keyed_config(step.stage, step.config, {name: e.out for name, e in inputs.items()}),
             "inputs": {name: entry.output_hash for name, entry in sorted(inputs.items())},
             "files": {name: sha256_file(Path(path)) for name, path in sorted(step.files.items())},
             "tools": step_tools(step, inputs),
@@ -76,237 +213,16 @@ def step_key(step: Step, inputs: dict[str, Entry]) -> str:
     )
 
 
-def _resolve_path(recipe_path: Path, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else (recipe_path.parent / path).resolve()
-
-
 def recipe_digest(recipe: Recipe) -> str:
     """Hash of the recipe's meaning (not its text: comments and key order do not count)."""
     return sha256_json(recipe.model_dump(mode="json"))
 
 
-def _baseline(recipe: Recipe, dest_root: Path, version: str) -> tuple[dict, dict]:
-    """The previous published version's manifest, for the latency regression gate: (files, context)."""
-    if recipe.gates.latency.max_regression is None:
-        return {}, {}
-    older = []
-    for manifest in (dest_root / recipe.name).glob("v*/manifest.json"):
-        number = manifest.parent.name[1:]
-        if number.isdigit() and version.isdigit() and int(number) < int(version):
-            older.append((int(number), manifest))
-    if not older:
-        return {}, {}
-    _, latest = max(older)
-    return {"baseline": str(latest)}, {"baseline": str(latest)}
-
-
-# The precision a tuning target allows but no variant of the recipe declares: kiln's default for that kind.
-DEFAULT_PRECISIONS = [
-    Variant(name="auto-fp16", kind="fp16"),
-    Variant(name="auto-int8-dynamic-pc", kind="int8-dynamic", per_channel=True),
-    Variant(name="auto-int8-dynamic-pt", kind="int8-dynamic", per_channel=False),
-    Variant(name="auto-int8-static-pc", kind="int8-static", per_channel=True),
-]
-
-
-def _tuning_steps(recipe: Recipe, validate: str, source_options: dict) -> list[Step]:
-    """The candidate artifacts (exporter x fusion x precision) as ordinary cached steps, reusing the recipe's own
-    export/optimize/quantize steps where they coincide, and one tune step per target that measures them."""
-    name, tune = recipe.name, recipe.tune
-    assert tune is not None
-    profiles = {t: hardware.resolve(t, tune.profiles) for t in tune.targets}
-    kinds = {k for p in profiles.values() for k in p.precisions}
-    precisions = [v for v in [*recipe.variants, *tune.space.precisions] if v.kind in kinds]
-    covered = {v.kind for v in precisions}
-    precisions += [v for v in DEFAULT_PRECISIONS if v.kind in kinds - covered]
-    steps: list[Step] = []
-    candidates: dict[str, tuple[str, dict]] = {}  # candidate id -> (step id, what it is)
-    for exporter in tune.space.exporters or [recipe.export.exporter]:
-        exported = f"{name}:export"
-        if exporter != recipe.export.exporter:
-            steps.append(Step(name, f"export.{exporter}",
-                              {**recipe.export.model_dump(mode="json"), "exporter": exporter,
-                               "source_options": source_options},
-                              {"model": f"{name}:fetch", "data": f"{name}:data"}, optional=True))
-            exported = steps[-1].id
-        for index, fusion in enumerate(tune.space.fusion or [recipe.optimize]):
-            base = f"{exporter}.f{index}"
-            own = exported == f"{name}:export" and fusion == recipe.optimize
-            if not own:
-                steps.append(Step(name, f"optimize.{base}", fusion.model_dump(mode="json"), {"onnx": exported},
-                                  optional=True))
-            optimized = f"{name}:optimize" if own else steps[-1].id
-            described = {"exporter": exporter, "fusion": fusion.model_dump(mode="json")}
-            if "fp32" in kinds:
-                candidates[f"{base}.fp32"] = (optimized, {**described, "precision": "fp32", "variant": "fp32",
-                                                          "gates": recipe.gates.parity.model_dump(mode="json")})
-            for variant in precisions:
-                default = tune.gates if tune.gates and variant in DEFAULT_PRECISIONS else recipe.gates.parity
-                gates = (variant.gates or default).model_dump(mode="json")
-                if own and variant in recipe.variants:
-                    quantized = f"{name}:quantize.{variant.name}"
-                else:
-                    steps.append(Step(name, f"quantize.{variant.name}.{base}",
-                                      {"variant": variant.model_dump(mode="json", exclude={"gates", "passes"}),
-                                       "gates": gates, "level": fusion.level},
-                                      {"onnx": optimized, "data": f"{name}:data", "metrics": validate},
-                                      optional=True))
-                    quantized = steps[-1].id
-                candidates[f"{base}.{variant.name}"] = (quantized, {**described, "precision": variant.kind,
-                                                                    "variant": variant.name, "gates": gates})
-    batch_sizes = tune.batch_sizes or recipe.validation.latency.batch_sizes
-    for target, profile in profiles.items():
-        allowed = {cid: c for cid, c in candidates.items() if c[1]["precision"] in profile.precisions}
-        config = {
-            "target": target,
-            "profile": profile.model_dump(mode="json"),
-            "publish": target == tune.published_target,
-            "objective": tune.objective,
-            "batch_sizes": batch_sizes,
-            "budget": tune.budget.model_dump(mode="json"),
-            "measure": tune.measure.model_dump(mode="json"),
-            "candidates": {cid: what for cid, (_, what) in allowed.items()},
-        }
-        inputs = {"data": f"{name}:data", "reference": validate,
-                  **{f"cand.{cid}": sid for cid, (sid, _) in allowed.items()}}
-        steps.append(Step(name, f"tune.{target}", config, inputs, resources=profile.resources))
-    return steps
-
-
 def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: Settings) -> RecipePlan:
-    name = recipe.name
-    registry = {"tracking_uri": source.tracking_uri}
-    spec = {
-        "inputs": [t.model_dump(mode="json") for t in recipe.inputs] if recipe.inputs else None,
-        "outputs": recipe.outputs,
-    }
-
-    dest_root = _resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
-    source_options = {"signature": recipe.source.signature}  # how the original model is called
-    validate_config = {
-        "latency": recipe.validation.latency.model_dump(mode="json"),
-        "shape_sweep": recipe.validation.shape_sweep,
-        "localize": recipe.validation.localize.model_dump(mode="json"),
-        "source_options": source_options,
-    }
-    data_config = recipe.validation.data.model_dump(mode="json")
-    data_files: dict[str, str] = {}
-    data_context: dict[str, Any] = dict(registry)
-    if recipe.validation.data.source == "npz":
-        npz = _resolve_path(recipe_path, recipe.validation.data.path or "")
-        if not npz.is_file():
-            from pipeline.errors import RecipeError
-
-            raise RecipeError(f"recipe {recipe_path}: validation.data.path: no such file {npz}")
-        data_config["path"] = None  # the file's content is keyed, not where it lies
-        data_files["npz"] = str(npz)
-        data_context["npz"] = str(npz)
-
-    steps = [
-        Step(name, "fetch", {"source": source.identity()}, context=registry),
-        Step(name, "data", {"data": data_config, **spec}, {"model": f"{name}:fetch"}, data_files, data_context),
-        Step(
-            name,
-            "export",
-            {**recipe.export.model_dump(mode="json"), "source_options": source_options},
-            {"model": f"{name}:fetch", "data": f"{name}:data"},
-        ),
-        Step(name, "optimize", recipe.optimize.model_dump(mode="json"), {"onnx": f"{name}:export"}),
-        Step(name, "validate", validate_config,
-             {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": f"{name}:optimize",
-              "exported": f"{name}:export"}),
-        # Only the selected variant's gate stops the build; the others are judged and reported.
-        Step(name, "gate", {"gates": recipe.gates.model_dump(mode="json"), "blocking": recipe.select == "fp32"},
-             {"metrics": f"{name}:validate"}, *_baseline(recipe, dest_root, source.version)),
-    ]
-    chains = {"fp32": {"onnx": f"{name}:optimize", "metrics": f"{name}:validate", "verdicts": f"{name}:gate"}}
-    for variant in recipe.variants:
-        v = variant.name
-        parity = (variant.gates or recipe.gates.parity).model_dump(mode="json")
-        if variant.kind == "olive":  # Olive's passes build the variant; validated and gated like the others
-            built_by = Step(name, f"olive.{v}",
-                            {"variant": variant.model_dump(mode="json", include={"name", "passes", "calibration"}),
-                             "level": recipe.optimize.level},
-                            {"onnx": f"{name}:optimize", "data": f"{name}:data"})
-        else:
-            built_by = Step(name, f"quantize.{v}",
-                            {"variant": variant.model_dump(mode="json", exclude={"gates", "passes"}), "gates": parity,
-                             "level": recipe.optimize.level},
-                            {"onnx": f"{name}:optimize", "data": f"{name}:data", "metrics": f"{name}:validate"})
-        steps += [
-            built_by,
-            # Layer-by-layer against the original on the variant itself: where quantization hurts.
-            Step(name, f"validate.{v}", validate_config,
-                 {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": built_by.id, "exported": built_by.id}),
-            Step(name, f"gate.{v}",
-                 {"gates": {**recipe.gates.model_dump(mode="json"), "parity": parity}, "blocking": recipe.select == v},
-                 {"metrics": f"{name}:validate.{v}", "quantized": built_by.id},
-                 *_baseline(recipe, dest_root, source.version)),
-        ]
-        chains[v] = {"onnx": built_by.id, "metrics": f"{name}:validate.{v}", "verdicts": f"{name}:gate.{v}"}
-    tuned = {}
-    if recipe.tune:
-        steps += _tuning_steps(recipe, f"{name}:validate", source_options)
-        tuned = {f"tune.{t}": f"{name}:tune.{t}" for t in recipe.tune.targets}
-        if recipe.select == "tuned":
-            # The winner, validated in full with the exact session settings it won with.
-            winner = f"{name}:tune.{recipe.tune.published_target}"
-            steps += [
-                Step(name, "validate.tuned", validate_config,
-                     {"model": f"{name}:fetch", "data": f"{name}:data", "onnx": winner, "exported": winner,
-                      "session": winner}),
-                Step(name, "gate.tuned", {"gates": recipe.gates.model_dump(mode="json"), "blocking": True},
-                     {"metrics": f"{name}:validate.tuned", "tuned": winner},
-                     *_baseline(recipe, dest_root, source.version)),
-            ]
-            chains["tuned"] = {"onnx": winner, "metrics": f"{name}:validate.tuned", "verdicts": f"{name}:gate.tuned"}
-    bundle_dest = dest_root / name / f"v{source.version}"
-    built = {"model": f"{name}:fetch", "data": f"{name}:data", **chains[recipe.select]}
-    variants = {}
-    if recipe.variants:  # every variant's measurements and verdicts, for the report's variant table
-        for v, chain in chains.items():
-            variants.update({f"variant.{v}.{part}": step for part, step in chain.items()})
-    serving = {}
-    for target in recipe.serving.targets:
-        # After the gate (no serving config for a model that failed it) but not keyed on its verdicts, so a
-        # changed threshold does not rebuild archives. The bundle's final path is keyed: some servers want
-        # absolute paths in their configs.
-        step = Step(
-            name,
-            f"serve.{target}",
-            {
-                "target": target,
-                "config": getattr(recipe.serving, target).model_dump(mode="json"),
-                "model_name": name,
-                "latency_gates": recipe.gates.latency.model_dump(mode="json"),
-                "source_options": source_options,
-                "bundle_dest": str(bundle_dest),
-            },
-            {k: v for k, v in built.items() if k != "verdicts"},
-            after=[chains[recipe.select]["verdicts"]],
-        )
-        steps.append(step)
-        serving[f"serving.{target}"] = step.id
-    steps.append(
-        Step(
-            name,
-            "publish",
-            {"recipe": recipe.model_dump(mode="json"), "recipe_sha256": recipe_digest(recipe)},
-            {**built, "export": f"{name}:export", **serving, **variants, **tuned},
-            context={"source_uri": source.uri},
-        )
-    )
-    write_back = recipe.publish.write_back
-    if write_back.enabled:
-        # Keyed on the bundle (and the settings), so an unchanged build registers nothing new.
-        steps.append(
-            Step(
-                name,
-                "register",
-                {"write_back": write_back.model_dump(mode="json", exclude={"tracking_uri"})},
-                {"bundle": f"{name}:publish"},
-                context={"tracking_uri": write_back.tracking_uri or source.tracking_uri},
-            )
-        )
-    return RecipePlan(recipe, recipe_path, source, steps, bundle_dest)
+    """Every stage in registry order adds its steps; the graph is then checked and ordered."""
+    dest_root = resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
+    graph = Graph(recipe, recipe_path, source, dest_root)
+    for module in registry.planners():
+        if hasattr(module, "plan"):
+            module.plan(graph)
+    return RecipePlan(recipe, recipe_path, source, graph.ordered(), graph.bundle_dest)

@@ -2,7 +2,8 @@
 rest to the executor, stop a recipe at its first failed verdict, deliver bundles.
 
 A step's summary may carry {"verdict": {"passed": bool, "reason": str}}; a failed verdict stops the recipe's
-dependent steps and makes the recipe's outcome `gate_failed`. The runner knows nothing else about stages.
+dependent steps and makes the recipe's outcome `gate_failed`. A step with `deliver_to` (the bundle) has its
+output delivered there once built. The runner knows nothing else about stages.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pipeline.errors import BadInput, GateFailed, KilnError, StageCrashed
 from pipeline.executor import Executor, Task
 from pipeline.plan import RecipePlan, Step, step_key, step_tools
 from pipeline.settings import Settings
-from pipeline.store import Entry, open_store
+from pipeline import open_store
+from pipeline.store import Entry
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Runner:
             step_id=step.id,
             stage=step.stage,
             key=key,
-            config=step.config,
+            config=step.config.model_dump(mode="json"),
             inputs={name: str(entry.out) for name, entry in inputs.items()},
             input_hashes={name: entry.output_hash for name, entry in inputs.items()},
             context={**step.context, "upstream": {name: _lineage(e) for name, e in inputs.items()},
@@ -125,111 +127,128 @@ class Runner:
     def run(self, plans: list[RecipePlan]) -> RunSummary:
         started = time.perf_counter()
         self.store.clean_stale()
-        results = {p.name: RecipeOutcome(p.name, str(p.path), p.source.uri, p.source.version) for p in plans}
-        steps = {s.id: s for p in plans for s in p.steps}
-        plan_of = {s.id: p for p in plans for s in p.steps}
-        outcomes = {sid: StepOutcome(sid, s.stage) for sid, s in steps.items()}
-        for plan in plans:
-            results[plan.name].steps = [outcomes[s.id] for s in plan.steps]
-        entries: dict[str, Entry] = {}
-        running: dict[Future, list[str]] = {}  # one future per key; steps of several recipes may share it
-        by_key: dict[str, Future] = {}
-        pending = [s.id for p in plans for s in p.steps]
-        lacking: dict[str, str] = {}  # optional step that failed -> why
-
-        def stop(recipe: str, status: str, reason: str) -> None:
-            result = results[recipe]
-            if result.status == "passed":
-                result.status, result.reason = status, reason
-            for sid in list(pending):
-                if steps[sid].recipe == recipe:
-                    pending.remove(sid)
-                    outcomes[sid].status = "skipped"
-
-        def finished(sid: str, entry: Entry, cached: bool) -> None:
-            outcome = outcomes[sid]
-            entries[sid] = entry
-            outcome.status = "cached" if cached else "ran"
-            outcome.summary = entry.meta.get("summary", {})
-            outcome.seconds = 0.0 if cached else float(entry.meta.get("seconds", 0.0))
-            self.on_event("done", outcome)
-            step = steps[sid]
-            verdict = outcome.summary.get("verdict")
-            if verdict is not None and not verdict.get("passed", False):
-                stop(step.recipe, "gate_failed", verdict.get("reason", f"{sid} failed"))
-            elif step.stage == "publish":
-                plan = plan_of[sid]
-                results[step.recipe].bundle = str(plan.bundle_dest)
-                results[step.recipe].delivered = deliver(entry.out, plan.bundle_dest)
-
+        state = _Run(self, plans)
         try:
-            while pending or running:
-                progressed = False
-                for sid in list(pending):
-                    if sid not in pending:  # a failed verdict just stopped its recipe
-                        continue
-                    step = steps[sid]
-                    if not all(i in entries or i in lacking for i in [*step.inputs.values(), *step.after]):
-                        continue
-                    missing = {name: f"{i}: {lacking[i]}" for name, i in step.inputs.items() if i in lacking}
-                    if missing and step.optional:  # a candidate built from a failed candidate fails with it
-                        pending.remove(sid)
-                        progressed = True
-                        lacking[sid] = next(iter(missing.values()))
-                        outcomes[sid].status = "failed"
-                        outcomes[sid].summary = {"error": f"needs {lacking[sid]}"}
-                        self.on_event("failed", outcomes[sid])
-                        continue
-                    if len(running) >= self.executor.capacity:
-                        break
-                    pending.remove(sid)
-                    progressed = True
-                    inputs = {name: entries[i] for name, i in step.inputs.items() if i in entries}
-                    key = step_key(step, inputs)
-                    outcomes[sid].key = key
-                    entry = self.store.lookup(key)
-                    if entry is not None:
-                        finished(sid, entry, cached=True)
-                    elif key in by_key:
-                        running[by_key[key]].append(sid)
-                    else:
-                        self.on_event("start", outcomes[sid])
-                        future = self.executor.submit(self._task(step, key, inputs, missing))
-                        by_key[key] = future
-                        running[future] = [sid]
-                if progressed:
+            while state.pending or state.running:
+                if state.schedule():
                     continue
-                if not running:
+                if not state.running:
                     break
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for future in done:
-                    sids = running.pop(future)
-                    try:
-                        meta = future.result()
-                    except BrokenProcessPool:
-                        error: KilnError = StageCrashed(
-                            f"{sids[0]}: the worker process died (out of memory or a crash in a native library)"
-                        )
-                    except KilnError as exc:
-                        error = exc
-                    else:
-                        entry = self.store.lookup(meta["key"])
-                        assert entry is not None, f"committed entry {meta['key']} vanished"
-                        for sid in sids:
-                            finished(sid, entry, cached=False)
-                        continue
-                    for sid in sids:
-                        outcomes[sid].status = "failed"
-                        outcomes[sid].summary = {"error": str(error)}
-                        self.on_event("failed", outcomes[sid])
-                        if steps[sid].optional:
-                            lacking[sid] = str(error)
-                            continue
-                        status = "bad_input" if isinstance(error, BadInput) else getattr(error, "status", "crashed")
-                        stop(steps[sid].recipe, status, str(error))
+                state.collect()
         finally:
             self.executor.shutdown()
-        return RunSummary(list(results.values()), time.perf_counter() - started)
+        return RunSummary(list(state.results.values()), time.perf_counter() - started)
+
+
+class _Run:
+    """One run's bookkeeping: which steps wait, run, finished or failed, and each recipe's outcome."""
+
+    def __init__(self, runner: Runner, plans: list[RecipePlan]):
+        self.runner = runner
+        self.results = {p.name: RecipeOutcome(p.name, str(p.path), p.source.uri, p.source.version) for p in plans}
+        self.steps = {s.id: s for p in plans for s in p.steps}
+        self.outcomes = {sid: StepOutcome(sid, s.stage) for sid, s in self.steps.items()}
+        for plan in plans:
+            self.results[plan.name].steps = [self.outcomes[s.id] for s in plan.steps]
+        self.entries: dict[str, Entry] = {}
+        self.running: dict[Future, list[str]] = {}  # one future per key; steps of several recipes may share it
+        self.by_key: dict[str, Future] = {}
+        self.pending = [s.id for p in plans for s in p.steps]
+        self.lacking: dict[str, str] = {}  # optional step that failed -> why
+
+    def stop(self, recipe: str, status: str, reason: str) -> None:
+        result = self.results[recipe]
+        if result.status == "passed":
+            result.status, result.reason = status, reason
+        for sid in list(self.pending):
+            if self.steps[sid].recipe == recipe:
+                self.pending.remove(sid)
+                self.outcomes[sid].status = "skipped"
+
+    def finished(self, sid: str, entry: Entry, cached: bool) -> None:
+        outcome = self.outcomes[sid]
+        self.entries[sid] = entry
+        outcome.status = "cached" if cached else "ran"
+        outcome.summary = entry.meta.get("summary", {})
+        outcome.seconds = 0.0 if cached else float(entry.meta.get("seconds", 0.0))
+        self.runner.on_event("done", outcome)
+        step = self.steps[sid]
+        verdict = outcome.summary.get("verdict")
+        if verdict is not None and not verdict.get("passed", False):
+            self.stop(step.recipe, "gate_failed", verdict.get("reason", f"{sid} failed"))
+        elif step.deliver_to is not None:
+            self.results[step.recipe].bundle = str(step.deliver_to)
+            self.results[step.recipe].delivered = deliver(entry.out, step.deliver_to)
+
+    def failed(self, sid: str, error: str) -> None:
+        self.outcomes[sid].status = "failed"
+        self.outcomes[sid].summary = {"error": error}
+        self.runner.on_event("failed", self.outcomes[sid])
+
+    def schedule(self) -> bool:
+        """Start (or find cached) every step whose inputs are ready, up to the executor's capacity."""
+        progressed = False
+        for sid in list(self.pending):
+            if sid not in self.pending:  # a failed verdict just stopped its recipe
+                continue
+            step = self.steps[sid]
+            if not all(i in self.entries or i in self.lacking for i in [*step.inputs.values(), *step.after]):
+                continue
+            missing = {name: f"{i}: {self.lacking[i]}" for name, i in step.inputs.items() if i in self.lacking}
+            if missing and step.optional:  # a candidate built from a failed candidate fails with it
+                self.pending.remove(sid)
+                progressed = True
+                self.lacking[sid] = next(iter(missing.values()))
+                self.failed(sid, f"needs {self.lacking[sid]}")
+                continue
+            if len(self.running) >= self.runner.executor.capacity:
+                break
+            self.pending.remove(sid)
+            progressed = True
+            self.start(step, missing)
+        return progressed
+
+    def start(self, step: Step, missing: dict[str, str]) -> None:
+        inputs = {name: self.entries[i] for name, i in step.inputs.items() if i in self.entries}
+        key = step_key(step, inputs)
+        self.outcomes[step.id].key = key
+        entry = self.runner.store.lookup(key)
+        if entry is not None:
+            self.finished(step.id, entry, cached=True)
+        elif key in self.by_key:
+            self.running[self.by_key[key]].append(step.id)
+        else:
+            self.runner.on_event("start", self.outcomes[step.id])
+            future = self.runner.executor.submit(self.runner._task(step, key, inputs, missing))
+            self.by_key[key] = future
+            self.running[future] = [step.id]
+
+    def collect(self) -> None:
+        """Wait for a running step; record what it built or why it failed."""
+        done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
+        for future in done:
+            sids = self.running.pop(future)
+            try:
+                meta = future.result()
+            except BrokenProcessPool:
+                error: KilnError = StageCrashed(
+                    f"{sids[0]}: the worker process died (out of memory or a crash in a native library)"
+                )
+            except KilnError as exc:
+                error = exc
+            else:
+                entry = self.runner.store.lookup(meta["key"])
+                assert entry is not None, f"committed entry {meta['key']} vanished"
+                for sid in sids:
+                    self.finished(sid, entry, cached=False)
+                continue
+            for sid in sids:
+                self.failed(sid, str(error))
+                if self.steps[sid].optional:
+                    self.lacking[sid] = str(error)
+                    continue
+                status = "bad_input" if isinstance(error, BadInput) else getattr(error, "status", "crashed")
+                self.stop(self.steps[sid].recipe, status, str(error))
 
 
 def bundle_paths(outcome: RecipeOutcome) -> dict[str, Path]:

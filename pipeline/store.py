@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.hashing import file_table, tree_hash
 
@@ -56,6 +56,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class StepStore(Protocol):
+    """What the runner and the executors need of a step store; Store (a folder) and
+    remote_store.MirroredStore (a local cache of a shared store at an fsspec URL) both are one."""
+
+    root: Path
+
+    def lookup(self, key: str) -> Entry | None: ...
+
+    def begin(self, key: str) -> Path: ...
+
+    def commit(self, key: str, folder: Path, meta: dict[str, Any]) -> Entry: ...
+
+    def abandon(self, folder: Path) -> None: ...
+
+    def clean_stale(self) -> int: ...
+
+    def verify(self) -> list[str]: ...
 
 
 class Store:
@@ -149,12 +168,3 @@ class Store:
                 if rel in on_disk and sha256_file(entry.out / rel) != info["sha256"]:
                     problems.append(f"{path}/out/{rel}: sha256 differs from meta.json")
         return problems
-
-
-def open_store(root: Path, url: str | None = None):
-    """The step store at root; with an fsspec URL, root is this process's cache of the shared store there."""
-    if not url:
-        return Store(root)
-    from pipeline.remote_store import MirroredStore, RemoteStore
-
-    return MirroredStore(Store(root), RemoteStore(url))

@@ -1,13 +1,22 @@
-"""Stages: pure functions of (input artifacts, config) -> output artifacts.
+"""Stages: pure functions of (input artifacts, config) -> output artifacts, each declaring what it is.
 
 Each stage module defines
-    VERSION: int                              bump when the stage's output for the same inputs changes
-    tools(config) -> list[str]                distributions whose versions enter the step's cache key
-    run(config, inputs, out, context) -> dict writes files under `out`, returns a small JSON summary
+    VERSION: int                     bump when the stage's output for the same inputs changes
+    Config                           pydantic model (pipeline.schema.StageConfig) of what a step is keyed on;
+                                     validated when the step is planned, so a bad value is a recipe error
+    INPUTS: {name: kind}             the artifact kinds it reads (stages/artifacts.py); `*` matches a family
+    OUTPUT: kind                     what its out/ folder holds
+    tools(config, inputs) -> [str]   distributions whose versions enter the step's cache key
+    run(config, inputs, out, context) -> dict   writes files under `out`, returns a small JSON summary
+and, to take part in planning, one or both hooks:
+    plan(graph)                      add this stage's steps for a recipe (graph.add, graph.add_candidate)
+    plan_candidate(graph, candidate) add steps for every model the recipe may publish (validate, gate)
+    keyed(config, inputs) -> dict    optional: what the key hashes, when not the whole config
 
 `config` is keyed (it enters the cache key); `context` is not (e.g. where the registry lives). Stage modules
-import heavy frameworks inside functions, so loading one to read its VERSION is cheap.
-A new stage is a module plus an entry here.
+import heavy frameworks inside functions, so loading one to read its declarations is cheap. Planning calls the
+hooks in the order of STAGES. A new stage is a module plus an entry here; the engine reaches stages only through
+pipeline/registry.py.
 """
 
 from __future__ import annotations

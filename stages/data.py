@@ -10,16 +10,65 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
+from typing import Literal
 
-from pipeline.errors import ModelError
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.errors import ModelError, RecipeError
+from pipeline.schema import StageConfig, Strict
+from stages import artifacts
 from stages.tensors import ModelSpec, TensorSpec, check_feeds, load_arrays, save_arrays
 
-VERSION = 1
+VERSION = 2
+DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
-    return ["numpy"] + (["mlflow"] if config["data"]["source"] in ("input_example", "run_artifact") else [])
+class TensorDecl(Strict):
+    name: str
+    dtype: DType = "float32"
+    shape: list[int | str] = Field(description="Sizes; a string names a dynamic axis (e.g. batch, seq)")
+    low: float | None = Field(None, description="Synthetic data: lowest value (ints: inclusive)")
+    high: float | None = Field(None, description="Synthetic data: highest value (ints: exclusive)")
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape: list[int | str]) -> list[int | str]:
+        for dim in shape:
+            if isinstance(dim, int) and dim <= 0:
+                raise ValueError("fixed sizes must be > 0; name a dynamic axis with a string")
+        return shape
+
+
+class Data(Strict):
+    source: Literal["input_example", "npz", "run_artifact", "synthetic"] = "synthetic"
+    path: str | None = Field(None, description="npz: file path; run_artifact: path inside the source model's run")
+    labels: str | None = Field(None, description="Array name in the npz that holds class labels")
+    samples: int = Field(32, ge=1, description="Synthetic: how many; npz/run_artifact: at most how many")
+    seed: int = 0
+    axes: dict[str, int] = Field(default_factory=dict, description="Synthetic: size of each named dynamic axis")
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> "Data":
+        if self.source in ("npz", "run_artifact") and not self.path:
+            raise ValueError(f"'path' is required when source is {self.source}")
+        if self.labels and self.source not in ("npz", "run_artifact"):
+            raise ValueError("'labels' needs source npz or run_artifact")
+        return self
+
+
+class Config(StageConfig):
+    data: Data
+    inputs: list[TensorDecl] | None = None
+    outputs: list[str] | None = None
+
+
+INPUTS = {"model": artifacts.SOURCE}
+OUTPUT = artifacts.SAMPLES
+
+
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
+    return ["numpy"] + (["mlflow"] if config.data.source in ("input_example", "run_artifact") else [])
 
 
 def _spec(config: dict, source: dict) -> ModelSpec:
@@ -143,3 +192,19 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "shapes": {k: list(v.shape) for k, v in arrays.items()},
         "labels": labels is not None,
     }
+
+
+def plan(graph) -> None:
+    recipe = graph.recipe
+    config = {"data": recipe.validation.data.model_dump(mode="json"),
+              "inputs": [t.model_dump(mode="json") for t in recipe.inputs] if recipe.inputs else None,
+              "outputs": recipe.outputs}
+    files: dict[str, str] = {}
+    context: dict = {"tracking_uri": graph.source.tracking_uri}
+    if recipe.validation.data.source == "npz":
+        npz = graph.resolve(recipe.validation.data.path or "")
+        if not npz.is_file():
+            raise RecipeError(f"recipe {graph.recipe_path}: validation.data.path: no such file {npz}")
+        config["data"]["path"] = None  # the file's content is keyed, not where it lies
+        files["npz"] = context["npz"] = str(npz)
+    graph.add("data", config, {"model": "fetch"}, files=files, context=context)

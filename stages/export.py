@@ -8,16 +8,41 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, create_model
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, RecipeError
+from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
-from stages import frameworks
+from stages import artifacts, frameworks
 from stages.tensors import ModelSpec, axis_sizes, load_arrays, resize_axes
 
-VERSION = 4
+VERSION = 5
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def _framework_fields() -> dict[str, tuple]:
+    """Every framework's export options as fields of one section; a name two frameworks define is a clash."""
+    fields: dict[str, tuple] = {}
+    for flavor, options in frameworks.export_options().items():
+        for name, info in options.model_fields.items():
+            if name in fields:
+                raise RecipeError(f"export.{name}: defined by two frameworks' ExportOptions; rename one")
+            fields[name] = (info.annotation, info)
+    return fields
+
+
+class _Common(Strict):
+    opset: int = Field(18, ge=7, le=23)
+
+
+# The recipe's `export` section: the ONNX opset, plus each framework's own options (e.g. PyTorch's exporter).
+Options = create_model("Export", __base__=_Common, **_framework_fields())
+Config = create_model("ExportConfig", __base__=StageConfig, opset=(int, Field(18, ge=7, le=23)),
+                      source_options=(dict[str, str], Field(default_factory=dict)), **_framework_fields())
+INPUTS = {"model": artifacts.SOURCE, "data": artifacts.SAMPLES}
+OUTPUT = artifacts.ONNX
+
+
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["onnx", onnxruntime_distribution(), *frameworks.tools(frameworks.flavor_of(inputs))]
 
 
@@ -138,3 +163,17 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "dynamic_axes_checked": checked,
         "renamed_output_dims": renamed,
     }
+
+
+def keyed(config, inputs: dict[str, Path]) -> dict:
+    """What the step's key hashes: the options of the model's own framework only, so a TensorFlow model's export is
+    not keyed (or re-run) on the PyTorch exporter it never uses."""
+    own = frameworks.export_options().get(artifacts.flavor(inputs["model"]))
+    others = set(_framework_fields()) - set(own.model_fields if own else ())
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in others}
+
+
+def plan(graph) -> None:
+    recipe = graph.recipe
+    graph.add("export", {**recipe.export.model_dump(mode="json"), "source_options": {"signature": recipe.source.signature}},
+              {"model": "fetch", "data": "data"})

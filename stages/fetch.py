@@ -9,12 +9,32 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ModelError, SourceError
+from pipeline.schema import StageConfig, Strict
+from stages import artifacts
 
-VERSION = 1
+VERSION = 2
+
+
+class Version(Strict):
+    """One immutable model version (not where its registry lives: that is context, not key)."""
+
+    name: str
+    version: str
+    run_id: str | None
+    model_source: str
+    created: int
+
+
+class Config(StageConfig):
+    source: Version
+
+
+INPUTS: dict[str, str] = {}
+OUTPUT = artifacts.SOURCE
 FLAVORS = ("pytorch", "tensorflow", "keras", "onnx")  # in order of preference when a model has several
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["mlflow"]
 
 
@@ -102,3 +122,8 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     }
     (out / "source.json").write_text(json.dumps(description, indent=2))
     return {"flavor": flavor, "files": len(got), "bytes": sum(got.values())}
+
+
+def plan(graph) -> None:
+    source = graph.source
+    graph.add("fetch", {"source": source.identity()}, context={"tracking_uri": source.tracking_uri})

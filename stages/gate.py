@@ -6,13 +6,53 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages import parity
+from pydantic import Field
+
+from pipeline.schema import StageConfig, Strict
+from stages import artifacts, parity
 from stages.tensors import load_arrays
 
-VERSION = 7
+VERSION = 8
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+class OutputGate(Strict):
+    atol: float | None = Field(None, ge=0)
+    rtol: float | None = Field(None, ge=0)
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="Cosine of the whole output tensor")
+    min_mean_cosine: float | None = Field(None, ge=-1, le=1, description="Mean of per-sample cosines (embeddings)")
+    min_top1: float | None = Field(None, ge=0, le=1, description="Fraction of rows whose argmax agrees")
+
+
+class ParityGates(Strict):
+    default: OutputGate = Field(default_factory=lambda: OutputGate(atol=1e-4, rtol=1e-3, min_cosine=0.9999))
+    outputs: dict[str, OutputGate] = Field(default_factory=dict, description="Per output name; overrides default")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Needs labels; fraction, 0.005 = 0.5 %")
+
+
+class LatencyGates(Strict):
+    max_p95_ms: float | dict[int, float] | None = Field(None, description="ONNX Runtime p95, all or per batch size")
+    min_speedup: float | dict[int, float] | None = Field(None, description="Original p50 / ONNX Runtime p50")
+    max_regression: float | None = Field(
+        None, ge=0, description="Fail when ONNX Runtime p50 is slower than the previous published version's by more "
+        "than this fraction (0.2 = 20 %); this machine drifts 15-20 % between runs"
+    )
+
+
+class Gates(Strict):
+    parity: ParityGates = Field(default_factory=ParityGates)
+    latency: LatencyGates = Field(default_factory=LatencyGates)
+
+
+class Config(StageConfig):
+    gates: Gates
+    blocking: bool = Field(True, description="A failed verdict stops the build (the published candidate's gate)")
+
+
+INPUTS = {"metrics": artifacts.METRICS, "quantized": artifacts.ONNX, "tuned": artifacts.ONNX}
+OUTPUT = artifacts.VERDICTS
+
+
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["numpy"]
 
 
@@ -185,3 +225,12 @@ def _fallback_note(quantize: dict) -> str:
     excluded = len(fallback.get("excluded") or [])
     return (f"; accuracy-aware fallback kept {excluded} node(s) in float after {len(fallback['rounds'])} round(s) "
             f"and stopped: {fallback.get('stopped')}")
+
+
+def plan_candidate(graph, candidate) -> None:
+    """Every candidate model is judged; only the one the recipe publishes (`select`) stops the build."""
+    recipe = graph.recipe
+    gates = {**recipe.gates.model_dump(mode="json"),
+             "parity": (candidate.parity or recipe.gates.parity).model_dump(mode="json")}
+    candidate.verdicts = graph.add(f"gate{candidate.suffix}", {"gates": gates, "blocking": recipe.select == candidate.name},
+                                   {"metrics": candidate.metrics, **candidate.checks}, **graph.baseline())

@@ -22,18 +22,26 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
 from pipeline.errors import ModelError
+from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution, version_of
+from stages import artifacts
+from stages.optimize import Level
+from stages.quantize import Calibration, VariantBase
 from stages.tensors import load_arrays, save_arrays
 
-VERSION = 1
+VERSION = 2
 DISTRIBUTION = "olive-ai"
 CALIBRATION = "kiln_calibration"  # the data config name passes refer to
 DATASET = "kiln_samples"  # the dataset type registered with Olive's data registry
 OFFLINE = {"OLIVE_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     # torch: Olive batches calibration samples with torch's DataLoader.
     return [DISTRIBUTION, "onnx", onnxruntime_distribution(), "numpy", "torch"]
 
@@ -50,6 +58,45 @@ def known_passes() -> dict[str, dict] | None:
     except (metadata.PackageNotFoundError, OSError, KeyError, ValueError):
         return None
     return {name.lower(): {"name": name, **entry} for name, entry in passes.items()}
+
+
+class OlivePass(Strict):
+    """One Olive pass, named and configured exactly as Olive defines it (e.g. OnnxStaticQuantization)."""
+
+    type: str = Field(min_length=1, description="Olive pass name, e.g. OnnxDynamicQuantization")
+    config: dict[str, Any] = Field(default_factory=dict, description="The pass's parameters as Olive names them")
+
+
+class OliveVariant(VariantBase):
+    """A precision variant built by Olive passes instead of kiln's quantizer."""
+
+    kind: Literal["olive"]
+    passes: list[OlivePass] | None = Field(
+        None, description="Olive passes run in order; static quantization calibrates on `calibration` samples"
+    )
+    calibration: Calibration = Field(default_factory=Calibration)
+
+    @model_validator(mode="after")
+    def _passes_given(self) -> "OliveVariant":
+        if not self.passes:
+            raise ValueError("passes: kind olive needs a non-empty list of {type: <OlivePassName>, config: {...}}")
+        return self
+
+    def problems(self) -> list[str]:
+        """Pass names Olive would reject, as 'passes[i].type: why' (checked with the recipe, before any step)."""
+        return [f"passes[{i}].type: {why}" for i, step in enumerate(self.passes or []) if (why := unknown_pass(step.type))]
+
+
+VARIANTS = {"olive": OliveVariant}
+
+
+class Config(StageConfig):
+    variant: OliveVariant
+    level: Level
+
+
+INPUTS = {"onnx": artifacts.ONNX, "data": artifacts.SAMPLES}
+OUTPUT = artifacts.ONNX
 
 
 def unknown_pass(name: str) -> str | None:
@@ -304,3 +351,17 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     }, indent=2))
     return {"variant": variant["name"], "kind": "olive", "olive": record["olive_version"],
             "passes": [p["type"] for p in passes], "pass_seconds": seconds, "bytes": (out / "model.onnx").stat().st_size}
+
+
+def plan(graph) -> None:
+    """One step per Olive variant, on the same input the other precision variants take."""
+    recipe = graph.recipe
+    for variant in recipe.variants:
+        if variant.kind not in VARIANTS:
+            continue
+        built = graph.add(f"olive.{variant.name}",
+                          {"variant": variant.model_dump(mode="json", include={"name", "kind", "passes", "calibration"}),
+                           "level": recipe.optimize.level},
+                          {"onnx": "optimize", "data": "data"})
+        graph.add_candidate(variant.name, model=built, exported=built, parity=variant.gates,
+                            checks={"quantized": built})

@@ -9,13 +9,39 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import Field
+
 from pipeline.errors import ModelError
+from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
+from stages import artifacts
 
-VERSION = 2
+VERSION = 3
+Level = Literal["disabled", "basic", "extended", "all"]
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+class TransformerFusion(Strict):
+    model_type: Literal["bert", "bart", "gpt2", "t5", "vit", "clip"] = "bert"
+    num_heads: int = Field(0, ge=0, description="0 = let onnxruntime detect")
+    hidden_size: int = Field(0, ge=0, description="0 = let onnxruntime detect")
+
+
+class Config(StageConfig):
+    """The recipe's `optimize` section, and one fusion option of `tune.space.fusion`."""
+
+    level: Level = Field(
+        "extended", description="ONNX Runtime offline graph optimization level ('all' adds CPU-layout-specific ops)"
+    )
+    transformer: TransformerFusion | None = Field(None, description="onnxruntime.transformers fusions")
+
+
+INPUTS = {"onnx": artifacts.ONNX}
+OUTPUT = artifacts.ONNX
+
+
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["onnx", onnxruntime_distribution()]
 
 
@@ -82,3 +108,9 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "nodes_after": sum(after.values()),
         "bytes": target.stat().st_size,
     }
+
+
+def plan(graph) -> None:
+    """The FP32 candidate: the export, optimized at the recipe's level."""
+    graph.add("optimize", graph.recipe.optimize.model_dump(mode="json"), {"onnx": "export"})
+    graph.add_candidate("fp32", model="optimize", exported="export")

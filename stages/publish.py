@@ -9,6 +9,7 @@ import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,13 +18,27 @@ from pipeline.hashing import file_table
 from pipeline import plots
 from pipeline.report import render_html, render_report
 from pipeline.versions import environment
+from pipeline.schema import StageConfig
+from stages import artifacts
 from stages.tensors import ModelSpec, load_arrays, save_arrays
 
-VERSION = 5
+VERSION = 6
+
+
+class Config(StageConfig):
+    recipe: dict[str, Any]  # the whole recipe as validated, for the manifest
+    recipe_sha256: str
+
+
+INPUTS = {"model": artifacts.SOURCE, "data": artifacts.SAMPLES, "onnx": artifacts.ONNX, "metrics": artifacts.METRICS,
+          "verdicts": artifacts.VERDICTS, "export": artifacts.ONNX, "serving.*": artifacts.SERVING,
+          "variant.*.onnx": artifacts.ONNX, "variant.*.metrics": artifacts.METRICS,
+          "variant.*.verdicts": artifacts.VERDICTS, "tune.*": artifacts.ONNX}
+OUTPUT = artifacts.BUNDLE
 SAMPLES = 4  # sample requests shipped with the bundle
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["numpy"]
 
 
@@ -202,3 +217,20 @@ def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
     return str(value)
+
+
+def plan(graph) -> None:
+    """The bundle of the candidate the recipe selects, with every serving target, variant and tuning record; the
+    runner delivers it to the bundle's destination once built."""
+    recipe = graph.recipe
+    chosen = graph.candidates[recipe.select]
+    inputs = {"model": "fetch", "data": "data", "onnx": chosen.model, "metrics": chosen.metrics,
+              "verdicts": chosen.verdicts, "export": "export"}
+    inputs.update({f"serving.{name.split('.', 1)[1]}": name for name in graph.names("serve.")})
+    if recipe.variants:  # every candidate's measurements and verdicts, for the report's variant table
+        for c in graph.candidates.values():
+            inputs.update({f"variant.{c.name}.onnx": c.model, f"variant.{c.name}.metrics": c.metrics,
+                           f"variant.{c.name}.verdicts": c.verdicts})
+    inputs.update({name: name for name in graph.names("tune.")})
+    graph.add("publish", {"recipe": recipe.model_dump(mode="json"), "recipe_sha256": graph.recipe_digest}, inputs,
+              context={"source_uri": graph.source.uri}, deliver_to=graph.bundle_dest)

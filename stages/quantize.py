@@ -15,20 +15,85 @@ import hashlib
 import json
 from pathlib import Path
 
+from typing import Annotated, Literal, Union
+
 import numpy as np
+from pydantic import Field
 
 from pipeline.errors import ModelError
+from pipeline.schema import Slug, StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
-from stages import gate, machine
+from stages import artifacts, gate, machine
+from stages.optimize import Level
 from stages.tensors import load_arrays
 
-VERSION = 5
+VERSION = 6
+
+
+class Calibration(Strict):
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    samples: int = Field(64, ge=1, description="Drawn from the validation data with the seed; their hash is recorded")
+    seed: int = 0
+
+
+class Fallback(Strict):
+    """Accuracy-aware fallback: when the variant misses its parity gates, keep the nodes that add the most
+    quantization noise in float and quantize again, within a budget."""
+
+    enabled: bool = True
+    max_rounds: int = Field(4, ge=1)
+    nodes_per_round: int = Field(2, ge=1)
+    max_excluded_fraction: float = Field(0.25, gt=0, le=1, description="Of the quantizable nodes")
+
+
+class VariantBase(Strict):
+    """A precision variant built from the optimized FP32 model and validated against the original."""
+
+    name: Slug
+    gates: gate.ParityGates | None = Field(None, description="Parity gates for this variant; default: gates.parity")
+
+
+class Fp16Variant(VariantBase):
+    kind: Literal["fp16"]
+    keep_io_types: bool = Field(True, description="Keep float32 inputs and outputs")
+    op_block_list: list[str] = Field(default_factory=list, description="Op types kept in float32")
+    fallback: Fallback = Field(default_factory=Fallback)
+
+
+class Int8DynamicVariant(VariantBase):
+    kind: Literal["int8-dynamic"]
+    per_channel: bool = True
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="auto: on CPUs without VNNI (u8s8 can saturate on AVX2), recorded in the manifest"
+    )
+    weight_type: Literal["int8", "uint8"] = "int8"
+    fallback: Fallback = Field(default_factory=Fallback)
+
+
+class Int8StaticVariant(Int8DynamicVariant):
+    kind: Literal["int8-static"]  # type: ignore[assignment]
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    calibration: Calibration = Field(default_factory=Calibration)
+
+
+VARIANTS = {"fp16": Fp16Variant, "int8-dynamic": Int8DynamicVariant, "int8-static": Int8StaticVariant}
+QuantizeVariant = Annotated[Union[Fp16Variant, Int8DynamicVariant, Int8StaticVariant], Field(discriminator="kind")]
+
+
+class Config(StageConfig):
+    variant: QuantizeVariant
+    gates: gate.ParityGates
+    level: Level
+
+
+INPUTS = {"onnx": artifacts.ONNX, "data": artifacts.SAMPLES, "metrics": artifacts.METRICS}
+OUTPUT = artifacts.ONNX
 QUANTIZABLE = {"Conv", "MatMul", "Gemm", "Attention", "ConvTranspose", "MatMulNBits"}
 SQNR_SAMPLES = 16
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid"}
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["onnx", onnxruntime_distribution(), "numpy"]
 
 
@@ -268,3 +333,21 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     (out / "quantize.json").write_text(json.dumps(record, indent=2))
     return {k: record[k] for k in ("variant", "kind", "reduce_range", "passes_parity", "bytes")} | {
         "excluded_nodes": excluded, "rounds": len(rounds)}
+
+
+def step_config(variant: VariantBase, gates, level: str) -> dict:
+    return {"variant": variant.model_dump(mode="json", exclude={"gates"}), "gates": gates.model_dump(mode="json"),
+            "level": level}
+
+
+def plan(graph) -> None:
+    """One step per precision variant of the kinds built here, from the FP32 candidate's quantizable copy."""
+    recipe = graph.recipe
+    for variant in recipe.variants:
+        if variant.kind not in VARIANTS:
+            continue
+        built = graph.add(f"quantize.{variant.name}",
+                          step_config(variant, variant.gates or recipe.gates.parity, recipe.optimize.level),
+                          {"onnx": "optimize", "data": "data", "metrics": "validate"})
+        graph.add_candidate(variant.name, model=built, exported=built, parity=variant.gates,
+                            checks={"quantized": built})

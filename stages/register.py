@@ -15,15 +15,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
+from pydantic import Field
 
 from pipeline.errors import SourceError
 from pipeline.hashing import sha256_file
+from pipeline.schema import StageConfig, Strict
+from stages import artifacts
 
-VERSION = 1
+VERSION = 2
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+class WriteBack(Strict):
+    """Register the published ONNX model back in MLflow (onnx flavor) and move an alias when every gate passed."""
+
+    enabled: bool = False
+    model_name: str | None = Field(None, description="Target registered model; default: <source name>-onnx")
+    alias: str | None = Field("optimized", description="Alias moved to the new version (only when gates pass)")
+    stage: Literal["Staging", "Production", "Archived"] | None = Field(
+        None, description="Legacy registry stage to transition to, for registries that still use stages"
+    )
+    experiment: str = Field("kiln-builds", description="Experiment of the write-back runs")
+    tracking_uri: str | None = Field(None, description="Default: the source's tracking URI")
+
+
+class Config(StageConfig):
+    write_back: WriteBack  # without tracking_uri: where the registry lives is context, not key
+
+
+INPUTS = {"bundle": artifacts.BUNDLE}
+OUTPUT = artifacts.REGISTERED
+
+
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["mlflow", "onnx"]
 
 
@@ -149,3 +175,11 @@ def _log(client, mlflow, tracking_uri, settings, manifest, bundle, tags, target,
             save_as_external_data=False,
         )
     return run.info.run_id, info.model_uri
+
+
+def plan(graph) -> None:
+    """Keyed on the bundle (and the settings), so an unchanged build registers nothing new."""
+    write_back = graph.recipe.publish.write_back
+    if write_back.enabled:
+        graph.add("register", {"write_back": write_back.model_dump(mode="json", exclude={"tracking_uri"})},
+                  {"bundle": "publish"}, context={"tracking_uri": write_back.tracking_uri or graph.source.tracking_uri})

@@ -10,15 +10,39 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages import targets
+from typing import Any
+
+from pydantic import model_validator
+
+from pipeline.schema import StageConfig
+from stages import artifacts, targets
+from stages.gate import LatencyGates
 from stages.tensors import ModelSpec, load_arrays
 
-VERSION = 2
+VERSION = 3
 SAMPLES = 4
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
-    return targets.target(config["target"]).tools(config, inputs)
+class Config(StageConfig):
+    target: str
+    config: dict[str, Any]  # the target's own section of the recipe, checked against the target's Config
+    model_name: str
+    latency_gates: LatencyGates
+    source_options: dict[str, str]
+    bundle_dest: str  # keyed: some servers want absolute paths in their configs
+
+    @model_validator(mode="after")
+    def _target_config(self) -> "Config":
+        self.config = targets.target(self.target).Config.model_validate(self.config).model_dump(mode="json")
+        return self
+
+
+INPUTS = {"model": artifacts.SOURCE, "data": artifacts.SAMPLES, "onnx": artifacts.ONNX, "metrics": artifacts.METRICS}
+OUTPUT = artifacts.SERVING
+
+
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
+    return targets.target(config.target).tools(config, inputs)
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
@@ -51,3 +75,17 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         return {"target": config["target"], "skipped": skipped}
     summary = module.build(ctx, config["config"], out)
     return {"target": config["target"], "skipped": None, **summary}
+
+
+def plan(graph) -> None:
+    """One step per serving target, for the candidate the recipe publishes. It runs after that candidate's gate (no
+    serving config for a model that failed it) but is not keyed on the verdicts, so a changed threshold does not
+    rebuild archives."""
+    recipe = graph.recipe
+    chosen = graph.candidates[recipe.select]
+    for target in recipe.serving.targets:
+        config = {"target": target, "config": getattr(recipe.serving, target).model_dump(mode="json"),
+                  "model_name": recipe.name, "latency_gates": recipe.gates.latency.model_dump(mode="json"),
+                  "source_options": {"signature": recipe.source.signature}, "bundle_dest": str(graph.bundle_dest)}
+        graph.add(f"serve.{target}", config, {"model": "fetch", "data": "data", "onnx": chosen.model,
+                                               "metrics": chosen.metrics}, after=[chosen.verdicts])

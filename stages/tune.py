@@ -25,19 +25,119 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
+from typing import Annotated, Literal
 
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipeline import hardware
 from pipeline.errors import ModelError
+from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
-from stages import gate, latency, machine, onnx_runtime
+from stages import artifacts, gate, latency, machine, onnx_runtime, optimize, quantize
+from stages.frameworks.pytorch import Exporter
 from stages.tensors import ModelSpec, batch_of, chunked_outputs, load_arrays
 
-VERSION = 3
+VERSION = 4
+Objective = Literal["p50", "p95", "throughput"]
+
+
+class TuneSpace(Strict):
+    """What artifacts to build and measure. Each exporter x fusion option gives an FP32 model; each precision
+    variant of each of those is another candidate. Empty lists mean the recipe's own choice."""
+
+    exporters: list[Exporter] = Field(
+        default_factory=list, description="Default: export.exporter (on transformers the two fuse differently)"
+    )
+    fusion: list[optimize.Config] = Field(default_factory=list, description="Optimization options; default: [optimize]")
+    precisions: list[quantize.QuantizeVariant] = Field(
+        default_factory=list,
+        description="Variants built only as tuning candidates (besides `variants`); a precision kind a target "
+        "allows but no variant declares gets kiln's default for it",
+    )
+
+
+class TuneBudget(Strict):
+    max_trials: int = Field(40, ge=1, description="Latency trials per target (screening, search, final)")
+    time_budget_s: float = Field(600.0, gt=0, description="Wall time per target before the search stops")
+    top_candidates: int = Field(2, ge=1, description="Artifacts whose session settings are searched after screening")
+
+
+class TuneMeasure(Strict):
+    warmup: int = Field(3, ge=1)
+    iterations: int = Field(30, ge=5, description="Timed runs per trial and batch size (fewer when a call is slow)")
+    trial_seconds: float = Field(3.0, gt=0, description="Time a trial may take per batch size")
+    final_iterations: int = Field(100, ge=10, description="Timed runs for the final, interleaved comparison")
+    final_seconds: float = Field(10.0, gt=0, description="Time the final comparison may take per batch size")
+
+
+class Tune(Strict):
+    """Hardware-targeted tuning: per target, measure every candidate artifact and session setting the target's
+    profile allows, keep the fastest that passes the parity gates."""
+
+    targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1,
+                               description=f"Profiles: built-in ({', '.join(hardware.BUILTIN)}) or from `profiles`")
+    profiles: dict[str, hardware.TargetProfile] = Field(default_factory=dict,
+                                                        description="Define or override profiles")
+    publish: str | None = Field(None, description="The target whose winner `select: tuned` publishes; default: the first")
+    objective: Objective = Field(
+        "p95", description="Minimized over the batch sizes (geometric mean); throughput = ms per item"
+    )
+    batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="Default: validation.latency.batch_sizes"
+    )
+    space: TuneSpace = Field(default_factory=TuneSpace)
+    gates: gate.ParityGates | None = Field(
+        None, description="Parity gates for kiln's default precision candidates (auto-*); default: gates.parity"
+    )
+    budget: TuneBudget = Field(default_factory=TuneBudget)
+    measure: TuneMeasure = Field(default_factory=TuneMeasure)
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> "Tune":
+        for name in self.targets:
+            if name not in self.profiles and name not in hardware.BUILTIN:
+                raise ValueError(f"targets: {name!r} is neither built in ({', '.join(hardware.BUILTIN)}) "
+                                 "nor in tune.profiles")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("targets: each target once")
+        if self.publish is not None and self.publish not in self.targets:
+            raise ValueError(f"publish: {self.publish!r} is not one of tune.targets ({', '.join(self.targets)})")
+        return self
+
+    @property
+    def published_target(self) -> str:
+        return self.publish or self.targets[0]
+
+
+class Candidate(Strict):
+    """One artifact the tuner measures: how it was built and the parity gates it is held to."""
+
+    exporter: str
+    fusion: optimize.Config
+    precision: str
+    variant: str
+    gates: gate.ParityGates
+
+
+class Config(StageConfig):
+    target: str
+    profile: hardware.TargetProfile
+    publish: bool
+    objective: Objective
+    batch_sizes: list[int]
+    budget: TuneBudget
+    measure: TuneMeasure
+    candidates: dict[str, Candidate]
+
+
+INPUTS = {"data": artifacts.SAMPLES, "reference": artifacts.METRICS, "cand.*": artifacts.ONNX}
+OUTPUT = artifacts.ONNX
 FINALISTS = 3
 MARGIN = 0.02  # a setting must beat the current best by this fraction to be kept (timing noise)
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["numpy", "onnx", onnxruntime_distribution()]
 
 
@@ -282,3 +382,83 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     return {"target": target, "skipped": None, "winner": winner["candidate"],
             "objective_ms": round(winner["final_objective"], 4), "trials": len(search.trials),
             "candidates": len(rows), "passing": len(passing)}
+
+
+# The precision a tuning target allows but no variant of the recipe declares: kiln's default for that kind.
+DEFAULT_PRECISIONS = [
+    quantize.Fp16Variant(name="auto-fp16", kind="fp16"),
+    quantize.Int8DynamicVariant(name="auto-int8-dynamic-pc", kind="int8-dynamic", per_channel=True),
+    quantize.Int8DynamicVariant(name="auto-int8-dynamic-pt", kind="int8-dynamic", per_channel=False),
+    quantize.Int8StaticVariant(name="auto-int8-static-pc", kind="int8-static", per_channel=True),
+]
+
+
+def _precisions(recipe, kinds: set[str]) -> list:
+    precisions = [v for v in [*recipe.variants, *recipe.tune.space.precisions] if v.kind in kinds]
+    covered = {v.kind for v in precisions}
+    return precisions + [v for v in DEFAULT_PRECISIONS if v.kind in kinds - covered]
+
+
+def _exported(graph, exporter: str) -> str:
+    """The recipe's own export, or another exporter's as an optional candidate step."""
+    recipe = graph.recipe
+    if exporter == recipe.export.exporter:
+        return "export"
+    return graph.add(f"export.{exporter}", {**recipe.export.model_dump(mode="json"), "exporter": exporter,
+                                            "source_options": {"signature": recipe.source.signature}},
+                     {"model": "fetch", "data": "data"}, optional=True)
+
+
+def _fusion_candidates(graph, exporter: str, exported: str, index: int, fusion, kinds: set[str],
+                       precisions: list) -> dict[str, tuple[str, dict]]:
+    """The candidates one exporter x fusion option gives, reusing the recipe's own steps where they coincide."""
+    recipe, tune = graph.recipe, graph.recipe.tune
+    base = f"{exporter}.f{index}"
+    own = exported == "export" and fusion == recipe.optimize
+    optimized = "optimize" if own else graph.add(f"optimize.{base}", fusion.model_dump(mode="json"),
+                                                 {"onnx": exported}, optional=True)
+    described = {"exporter": exporter, "fusion": fusion.model_dump(mode="json")}
+    found = {}
+    if "fp32" in kinds:
+        found[f"{base}.fp32"] = (optimized, {**described, "precision": "fp32", "variant": "fp32",
+                                             "gates": recipe.gates.parity.model_dump(mode="json")})
+    for variant in precisions:
+        default = tune.gates if tune.gates and variant in DEFAULT_PRECISIONS else recipe.gates.parity
+        gates = variant.gates or default
+        if own and variant in recipe.variants:
+            quantized = f"quantize.{variant.name}"
+        else:
+            quantized = graph.add(f"quantize.{variant.name}.{base}", quantize.step_config(variant, gates, fusion.level),
+                                  {"onnx": optimized, "data": "data", "metrics": "validate"}, optional=True)
+        found[f"{base}.{variant.name}"] = (quantized, {**described, "precision": variant.kind, "variant": variant.name,
+                                                       "gates": gates.model_dump(mode="json")})
+    return found
+
+
+def plan(graph) -> None:
+    """The candidate artifacts (exporter x fusion x precision) as ordinary cached steps, and one tune step per
+    target that measures those its profile allows; with `select: tuned`, the published target's winner is a
+    candidate validated and gated in full like any other."""
+    recipe, tune = graph.recipe, graph.recipe.tune
+    if tune is None:
+        return
+    profiles = {t: hardware.resolve(t, tune.profiles) for t in tune.targets}
+    kinds = {k for p in profiles.values() for k in p.precisions}
+    precisions = _precisions(recipe, kinds)
+    candidates: dict[str, tuple[str, dict]] = {}
+    for exporter in tune.space.exporters or [recipe.export.exporter]:
+        exported = _exported(graph, exporter)
+        for index, fusion in enumerate(tune.space.fusion or [recipe.optimize]):
+            candidates.update(_fusion_candidates(graph, exporter, exported, index, fusion, kinds, precisions))
+    for target, profile in profiles.items():
+        allowed = {cid: c for cid, c in candidates.items() if c[1]["precision"] in profile.precisions}
+        config = {"target": target, "profile": profile.model_dump(mode="json"),
+                  "publish": target == tune.published_target, "objective": tune.objective,
+                  "batch_sizes": tune.batch_sizes or recipe.validation.latency.batch_sizes,
+                  "budget": tune.budget.model_dump(mode="json"), "measure": tune.measure.model_dump(mode="json"),
+                  "candidates": {cid: what for cid, (_, what) in allowed.items()}}
+        inputs = {"data": "data", "reference": "validate", **{f"cand.{cid}": step for cid, (step, _) in allowed.items()}}
+        graph.add(f"tune.{target}", config, inputs, resources=profile.resources)
+    if recipe.select == "tuned":
+        winner = f"tune.{tune.published_target}"
+        graph.add_candidate("tuned", model=winner, exported=winner, session=winner, checks={"tuned": winner})

@@ -9,19 +9,52 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from pipeline.errors import ModelError
+from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
-from stages import frameworks, latency, localize, machine, parity
+from stages import artifacts, frameworks, latency, localize, machine, parity
 from stages.tensors import (CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, load_arrays, resize_axes,
                             save_arrays)
 
-VERSION = 7
+VERSION = 8
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+class Latency(Strict):
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
+    warmup: int = Field(10, ge=1)
+    iterations: int = Field(100, ge=100, description="Timed runs per batch size and runtime (>= 100)")
+    threads: int | None = Field(None, ge=1, description="Intra-op threads for both runtimes; default: all cores")
+    target_ci: float | None = Field(
+        0.05, gt=0, description="Keep measuring until each p50's 95 % CI half-width is within this fraction of it"
+    )
+    max_iterations: int = Field(2000, ge=100, description="Cap on timed runs per runtime and batch size")
+    time_budget_s: float = Field(10.0, gt=0, description="Cap on extra measuring time per batch size")
+
+
+class Localize(Strict):
+    enabled: bool = Field(True, description="Compare the original's layers with the exported graph's tensors")
+    samples: int = Field(4, ge=1, description="How many samples (those with the largest output error)")
+    tolerance: float = Field(1e-3, gt=0, description="Relative error (max |err| / max |ref|) that counts as divergent")
+
+
+class Config(StageConfig):
+    latency: Latency
+    shape_sweep: bool
+    localize: Localize
+    source_options: dict[str, str] = Field(description="How the original model is called (frameworks' load)")
+
+
+INPUTS = {"model": artifacts.SOURCE, "data": artifacts.SAMPLES, "onnx": artifacts.ONNX, "exported": artifacts.ONNX,
+          "session": artifacts.ONNX}
+OUTPUT = artifacts.METRICS
+
+
+def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["numpy", "onnx", onnxruntime_distribution(), *frameworks.tools(frameworks.flavor_of(inputs))]
 
 
@@ -143,3 +176,19 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "first_divergent_layer": first["layer"] if first else None,
         "speedup_p50": {b: round(t["speedup_p50"], 3) for b, t in timings.items()},
     }
+
+
+def config_for(recipe) -> dict:
+    """The validation settings every candidate is measured with."""
+    validation = recipe.validation
+    return {"latency": validation.latency.model_dump(mode="json"), "shape_sweep": validation.shape_sweep,
+            "localize": validation.localize.model_dump(mode="json"),
+            "source_options": {"signature": recipe.source.signature}}
+
+
+def plan_candidate(graph, candidate) -> None:
+    """Every candidate model is measured against the original, layer by layer against `candidate.exported`."""
+    inputs = {"model": "fetch", "data": "data", "onnx": candidate.model, "exported": candidate.exported}
+    if candidate.session:
+        inputs["session"] = candidate.session
+    candidate.metrics = graph.add(f"validate{candidate.suffix}", config_for(graph.recipe), inputs)

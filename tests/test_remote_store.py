@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import BadInput, KilnError
 from pipeline.ray_executor import ray_needs, unschedulable
 from pipeline.remote_store import RemoteStore
-from pipeline.store import open_store
+from pipeline import open_store
 
 KEY = "ab" * 32
 

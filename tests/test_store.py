@@ -123,12 +123,14 @@ def test_an_optional_step_that_fails_leaves_its_consumer_running_without_it(tmp_
     from pipeline.runner import Runner
     from pipeline.settings import Settings
 
+    from fixtures.toy_stages import Config
+
     monkeypatch.setitem(stages.STAGES, "toy", "fixtures.toy_stages")
     steps = [
-        Step("r", "toy.good", {"role": "make", "name": "good"}, optional=True),
-        Step("r", "toy.bad", {"role": "make", "name": "bad", "fail": True}, optional=True),
-        Step("r", "toy.after-bad", {"role": "make", "name": "after-bad"}, {"base": "r:toy.bad"}, optional=True),
-        Step("r", "toy.collect", {"role": "collect"},
+        Step("r", "toy.good", Config(role="make", name="good"), optional=True),
+        Step("r", "toy.bad", Config(role="make", name="bad", fail=True), optional=True),
+        Step("r", "toy.after-bad", Config(role="make", name="after-bad"), {"base": "r:toy.bad"}, optional=True),
+        Step("r", "toy.collect", Config(role="collect"),
              {"cand.good": "r:toy.good", "cand.bad": "r:toy.bad", "cand.after": "r:toy.after-bad"}),
     ]
     recipe = Recipe.model_validate({"name": "r", "source": {"uri": "models:/m/1"}})

@@ -32,6 +32,17 @@ def framework(flavor: str) -> ModuleType:
         ) from None
 
 
+def export_options() -> dict[str, type]:
+    """Each framework's own export options (a pydantic model named ExportOptions in its module), by flavor. They
+    are fields of the recipe's `export` section, and only the model's own framework's options key its export."""
+    found = {}
+    for flavor in FRAMEWORKS:
+        model = getattr(framework(flavor), "ExportOptions", None)
+        if model is not None:
+            found[flavor] = model
+    return found
+
+
 def tools(flavor: str | None) -> list[str]:
     if flavor is None or flavor not in FRAMEWORKS:
         return []

@@ -10,13 +10,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from typing import Literal
+
 import numpy as np
+from pydantic import Field
 
 from pipeline.errors import ModelError
+from pipeline.schema import Strict
 from stages.frameworks import rename_tensor
 from stages.tensors import ModelSpec
 
 TOOLS = ["torch", "mlflow", "onnxscript"]
+Exporter = Literal["dynamo", "torchscript"]
+
+
+class ExportOptions(Strict):
+    exporter: Exporter = Field(
+        "dynamo", description="PyTorch: torch.onnx exporter; torchscript gives the attention fusions on BERT-like models"
+    )
 
 
 def set_threads(threads: int) -> None:

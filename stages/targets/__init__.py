@@ -1,12 +1,13 @@
 """Serving targets. Each module defines
 
+    Config                                      pydantic model of the target's recipe section (serving.<name>)
     tools(config, inputs) -> list[str]          distributions whose versions key the step
     skip_reason(ctx) -> str | None              why this target does not apply to this model, or None
     build(ctx, config, out) -> dict             write the target's files under `out` (the bundle's
                                                 serving/<target>/ folder); return a summary with a "readme"
                                                 markdown section telling the serving team how to run it
 
-A new serving target is a module plus an entry here (and its config model in pipeline/recipe.py).
+A new serving target is a module plus an entry here; the recipe's `serving` section is assembled from them.
 """
 
 from __future__ import annotations

@@ -13,17 +13,33 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import yaml
+from pydantic import Field
 
 from pipeline.errors import KilnError, ModelError
+from pipeline.schema import Strict
 from stages.targets import TargetContext
+
+
+class Config(Strict):
+    """The original TensorFlow SavedModel for TensorFlow Serving (TensorFlow/Keras sources only)."""
+
+    max_batch_size: int = Field(32, ge=1)
+    batch_timeout_micros: int | None = Field(None, ge=0, description="Default: from gates.latency.max_p95_ms")
+    allowed_batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="Default: powers of 2")
+    num_batch_threads: int | None = Field(None, ge=1, description="Default: the validation thread count")
+    max_enqueued_batches: int = Field(100, ge=1)
+    version_labels: dict[str, str] = Field(default_factory=lambda: {"stable": "latest"},
+                                           description="label -> version ('latest' = the published one)")
+
 
 SERVING_SIGNATURE = "serving_default"
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def tools(config, inputs: dict[str, Path]) -> list[str]:
     return ["tensorflow-cpu", "tensorflow", "keras", "tensorflow-serving-api"]
 
 

@@ -24,17 +24,41 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from pipeline.errors import KilnError, ModelError
+from pipeline.schema import Strict
 from pipeline.versions import onnxruntime_distribution
 from stages.targets import TargetContext, expected_output_lines
 from stages.targets.triton import TYPES, graph_io
+
+
+class Config(Strict):
+    """ONNX Runtime inside TorchServe: a .mar with an onnxruntime handler, model-config.yaml, config.properties."""
+
+    min_workers: int = Field(1, ge=1)
+    max_workers: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_batch_delay_ms: int = Field(5, ge=0)
+    response_timeout_s: int = Field(120, ge=1)
+    outputs: list[str] | None = Field(None, description="Outputs to return; default: every output of the ONNX graph")
+    address: str = Field("127.0.0.1", description="Interface TorchServe binds; 127.0.0.1 unless you mean it")
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+
+    @model_validator(mode="after")
+    def _workers(self) -> "Config":
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})")
+        return self
+
 
 HANDLER = Path(__file__).with_name("torchserve_handler.py")
 SHOWN_VALUES = 8
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def tools(config, inputs: dict[str, Path]) -> list[str]:
     return ["onnx", "numpy", "torch-model-archiver", "torchserve", onnxruntime_distribution()]
 
 

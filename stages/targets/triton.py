@@ -16,12 +16,47 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from pipeline.errors import ModelError
+from pipeline.schema import Strict
 from pipeline.versions import onnxruntime_distribution
 from stages.targets import TargetContext, expected_output_lines
+
+
+class Config(Strict):
+    """ONNX Runtime inside Triton Inference Server: a model repository with config.pbtxt."""
+
+    max_batch_size: int = Field(32, ge=0, description="0 turns batching off; > 0 needs a dynamic first axis")
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="Each <= max_batch_size; default: none (Triton forms the largest batches)"
+    )
+    max_queue_delay_us: int | None = Field(
+        None, ge=0, description="Default: gates.latency.max_p95_ms minus twice the measured p95 of the largest batch"
+    )
+    instance_count: int = Field(1, ge=1)
+    instance_kind: Literal["cpu", "gpu"] = Field("cpu", description="instance_group kind (KIND_CPU / KIND_GPU)")
+    accelerator: Literal["tensorrt", "openvino"] | None = Field(
+        None, description="optimization.execution_accelerators: tensorrt (gpu instances) or openvino (cpu)"
+    )
+    precision_mode: Literal["FP32", "FP16", "INT8"] = Field("FP32", description="TensorRT precision_mode")
+    outputs: list[str] | None = Field(None, description="Outputs to serve; default: every output of the ONNX graph")
+    warmup: bool = Field(True, description="model_warmup from the validation samples")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        too_big = [b for b in self.preferred_batch_sizes if b > self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes: {too_big[0]} is above max_batch_size ({self.max_batch_size})")
+        if self.accelerator == "tensorrt" and self.instance_kind != "gpu":
+            raise ValueError("accelerator tensorrt runs on GPU instances: set instance_kind: gpu")
+        if self.accelerator == "openvino" and self.instance_kind != "cpu":
+            raise ValueError("accelerator openvino runs on CPU instances: set instance_kind: cpu")
+        return self
+
 
 PLATFORM = "onnxruntime_onnx"
 SHOWN_VALUES = 8  # expected output values quoted in the README
@@ -44,7 +79,7 @@ TYPES = {
 }
 
 
-def tools(config: dict, inputs: dict[str, Path]) -> list[str]:
+def tools(config, inputs: dict[str, Path]) -> list[str]:
     return ["onnx", "numpy", onnxruntime_distribution()]
 
 

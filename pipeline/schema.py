@@ -1,0 +1,24 @@
+"""The building blocks every declared configuration shares: the recipe's sections and each stage's `Config`.
+
+Stages define their own config models from these (stages never import the recipe); `pipeline/recipe.py`
+assembles the recipe from the stages' models through `pipeline/registry.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=100)]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a misspelled recipe field must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageConfig(Strict):
+    """What one step of a stage is keyed on. Validated when the step is planned; the cache key hashes
+    `model_dump(mode="json")`, so every field must be plain data."""
