@@ -97,7 +97,8 @@ def test_unknown_pass_parameter_names_the_field_and_publishes_nothing(registry, 
 def test_schema_wants_passes_exactly_for_kind_olive(tmp_path):
     for variant, problem in (({"name": "o", "kind": "olive"}, "kind olive needs a non-empty list"),
                              ({"name": "o", "kind": "olive", "passes": []}, "kind olive needs a non-empty list"),
-                             ({**DYNAMIC, "kind": "int8-dynamic"}, "only kind olive runs Olive passes")):
+                             ({**DYNAMIC, "kind": "int8-dynamic"},
+                              "only kind olive takes 'passes' (this variant is int8-dynamic)")):
         recipe = derive_recipe(tmp_path / "r.yaml", RECIPES / "digits-cnn.yaml", {"variants": [variant]})
         result = kiln("validate", str(recipe))
         assert result.returncode == 2 and "variants.0.passes: " + problem in result.stderr, result.stderr

@@ -76,7 +76,7 @@ def _ctx(tmp_path: Path, batch) -> TargetContext:
 
 
 def _config(**overrides) -> dict:
-    from pipeline.recipe import TritonTarget
+    from stages.targets.triton import Config as TritonTarget
 
     return {**TritonTarget().model_dump(mode="json"), **overrides}
 
