@@ -14,9 +14,9 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.hashing import file_table
-from pipeline import plots
-from pipeline.report import render_html, render_report
 from pipeline.versions import environment
+from stages import report
+from stages.report import plots
 from stages.tensors import ModelSpec, load_arrays, save_arrays
 
 VERSION = 5
@@ -114,8 +114,8 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     for name, png in images.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
     manifest["files"] = file_table(out)  # every file but the manifest and the reports, which describe them
-    (out / "report.md").write_text(render_report(manifest, {name: f"plots/{name}.png" for name in images}))
-    (out / "report.html").write_text(render_html(manifest, images))
+    for name, text in report.render(manifest, images).items():
+        (out / name).write_text(text)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
     return {"files": len(manifest["files"]) + 3, "passed": verdicts["passed"]}
 
