@@ -1,7 +1,8 @@
 """The bundle's report, for the publish stage: `render(manifest, images)` gives report.md and report.html.
 
     sections.py  what the report says: one list of sections read from the manifest (parity, latency, variants,
-                 tuning, per-layer comparison, gates, ...), so both files always say the same thing
+                 tuning, per-layer comparison, gates, ...), one helper per section
+    formats.py   those sections as Markdown and as HTML, so both files always say the same thing
     plots.py     its pictures as PNG bytes (matplotlib, headless)
 
 It lives beside the stages, not in the engine, because it reads what the stages measured in their own layouts.
@@ -9,7 +10,7 @@ It lives beside the stages, not in the engine, because it reads what the stages 
 
 from __future__ import annotations
 
-from stages.report.sections import render_html, render_report
+from stages.report.formats import render_html, render_report
 
 
 def render(manifest: dict, images: dict[str, bytes]) -> dict[str, str]:
