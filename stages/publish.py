@@ -15,12 +15,11 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.hashing import file_table
-from pipeline import plots
-from pipeline.report import render_html, render_report
-from pipeline.versions import environment
 from pipeline.schema import StageConfig
-from stages import artifacts
-from stages.tensors import ModelSpec, load_arrays, save_arrays
+from pipeline.versions import environment
+from stages import artifacts, report
+from stages.report import plots
+from stages.tensors import ModelSpec, save_arrays
 
 VERSION = 6
 
@@ -57,50 +56,40 @@ def _tuned_targets(inputs: dict[str, Path], out: Path, spec: ModelSpec, onnx_out
     records = {}
     for key in sorted(k for k in inputs if k.startswith("tune.")):
         target = key.split(".", 1)[1]
-        record = json.loads((inputs[key] / "tune.json").read_text())
+        record = artifacts.tune_record(inputs[key])
         records[target] = record
         if record.get("skipped"):
             continue
         folder = out / "targets" / target
         folder.mkdir(parents=True)
-        shutil.copyfile(inputs[key] / "model.onnx", folder / "model.onnx")
-        settings = json.loads((inputs[key] / "session_config.json").read_text())
+        shutil.copyfile(artifacts.onnx_model(inputs[key]), folder / "model.onnx")
+        settings = artifacts.session_config(inputs[key])
         (folder / "session_config.json").write_text(json.dumps(_session_config(spec, settings, onnx_outputs), indent=2))
     return records
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    source = json.loads((inputs["model"] / "source.json").read_text())
-    spec = ModelSpec.load(inputs["data"] / "spec.json")
-    metrics = json.loads((inputs["metrics"] / "metrics.json").read_text())
-    verdicts = json.loads((inputs["verdicts"] / "verdicts.json").read_text())
+    source = artifacts.source(inputs["model"])
+    spec = artifacts.spec(inputs["data"])
+    metrics = artifacts.metrics(inputs["metrics"])
+    verdicts = artifacts.verdicts(inputs["verdicts"])
     upstream = context["upstream"]
 
-    shutil.copyfile(inputs["onnx"] / "model.onnx", out / "model.onnx")
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    candidate = load_arrays(inputs["metrics"] / "candidate.npz")
+    shutil.copyfile(artifacts.onnx_model(inputs["onnx"]), out / "model.onnx")
+    feeds = artifacts.inputs(inputs["data"])
+    candidate = artifacts.candidate(inputs["metrics"])
     if spec.batch_axis_named:
         save_arrays(out / "sample_inputs.npz", {k: v[:SAMPLES] for k, v in feeds.items()})
         save_arrays(out / "sample_outputs.npz", {k: v[:SAMPLES] for k, v in candidate.items()})
     (out / "session_config.json").write_text(
         json.dumps(_session_config(spec, metrics["session"], list(candidate)), indent=2))
     tuning = _tuned_targets(inputs, out, spec, list(candidate))
-
-    serving = {}
-    for name in sorted(n for n in inputs if n.startswith("serving.")):
-        target = name.split(".", 1)[1]
-        summary = upstream[name].get("summary") or {}
-        serving[target] = summary
-        if not summary.get("skipped"):
-            shutil.copytree(inputs[name], out / "serving" / target)
+    serving = _serving(inputs, out, upstream)
     (out / "README.md").write_text(_readme(config["recipe"]["name"], source, spec, serving))
 
     variants = _variants(inputs, config["recipe"].get("select", "fp32"))
     order = ["model", "data", "export", "onnx", "metrics", "verdicts", *(f"serving.{t}" for t in serving)]
     steps = [upstream[name] for name in order if name in upstream]
-    tools_used: dict[str, str | None] = {}
-    for step in steps:
-        tools_used.update(step.get("tools") or {})
     manifest = {
         "kiln_version": __version__,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -116,7 +105,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             {k: step.get(k) for k in ("stage", "key", "config", "tools", "seconds", "summary", "output_hash")}
             for step in steps
         ],
-        "tools": dict(sorted(tools_used.items())),
+        "tools": _tools(steps),
         "environment": environment(),
         "serving": {t: {k: v for k, v in summary.items() if k != "readme"} for t, summary in serving.items()},
         "variants": variants,
@@ -124,15 +113,35 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "metrics": metrics,
         "gates": verdicts,
     }
-    images = _plots(metrics, source, load_arrays(inputs["metrics"] / "reference.npz"), candidate)
+    images = _plots(metrics, source, artifacts.reference(inputs["metrics"]), candidate)
     (out / "plots").mkdir(exist_ok=True)
     for name, png in images.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
     manifest["files"] = file_table(out)  # every file but the manifest and the reports, which describe them
-    (out / "report.md").write_text(render_report(manifest, {name: f"plots/{name}.png" for name in images}))
-    (out / "report.html").write_text(render_html(manifest, images))
+    for name, text in report.render(manifest, images).items():
+        (out / name).write_text(text)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
     return {"files": len(manifest["files"]) + 3, "passed": verdicts["passed"]}
+
+
+def _serving(inputs: dict[str, Path], out: Path, upstream: dict) -> dict[str, dict]:
+    """Each serving target's summary; the files of each target that was not skipped, under serving/<target>/."""
+    serving = {}
+    for name in sorted(n for n in inputs if n.startswith("serving.")):
+        target = name.split(".", 1)[1]
+        summary = upstream[name].get("summary") or {}
+        serving[target] = summary
+        if not summary.get("skipped"):
+            shutil.copytree(inputs[name], out / "serving" / target)
+    return serving
+
+
+def _tools(steps: list[dict]) -> dict[str, str | None]:
+    """The tool versions the steps recorded, merged (a later step's version of a tool wins), sorted by name."""
+    tools_used: dict[str, str | None] = {}
+    for step in steps:
+        tools_used.update(step.get("tools") or {})
+    return dict(sorted(tools_used.items()))
 
 
 def _variants(inputs: dict[str, Path], selected: str) -> list[dict]:
@@ -140,17 +149,18 @@ def _variants(inputs: dict[str, Path], selected: str) -> list[dict]:
     rows = []
     names = sorted({k.split(".")[1] for k in inputs if k.startswith("variant.")}, key=lambda n: (n != "fp32", n))
     for name in names:
-        metrics = json.loads((inputs[f"variant.{name}.metrics"] / "metrics.json").read_text())
-        verdicts = json.loads((inputs[f"variant.{name}.verdicts"] / "verdicts.json").read_text())
+        metrics = artifacts.metrics(inputs[f"variant.{name}.metrics"])
+        verdicts = artifacts.verdicts(inputs[f"variant.{name}.verdicts"])
         folder = inputs[f"variant.{name}.onnx"]
-        quantize = json.loads((folder / "quantize.json").read_text()) if (folder / "quantize.json").exists() else {}
-        tuned = json.loads((folder / "tune.json").read_text())["winner"] if (folder / "tune.json").exists() else {}
+        quantize = artifacts.quantize_record(folder) or {}
+        tune = artifacts.tune_record(folder)
+        tuned = tune["winner"] if tune is not None else {}
         first = next(iter(metrics["outputs"].values()))
         rows.append({
             "name": name,
             "kind": f"tuned: {tuned['candidate']}" if tuned else quantize.get("kind", "fp32"),
             "selected": name == selected,
-            "bytes": (folder / "model.onnx").stat().st_size,
+            "bytes": artifacts.onnx_model(folder).stat().st_size,
             "cosine": first.get("cosine"),
             "max_abs_error": first.get("max_abs_error"),
             "accuracy": (metrics.get("task") or {}).get("candidate"),
