@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
 from stages import frameworks
 from stages.tensors import ModelSpec, axis_sizes, load_arrays, resize_axes
@@ -96,7 +96,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"export: onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"export: onnx.checker rejected the exported graph: {first_line(exc, None)}") from None
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
     _drop_stack_traces(graph)
     _name_input_dims(graph, spec)
@@ -112,7 +112,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             got = onnx_runtime.run(sess, trial)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(
-                f"export: the ONNX graph does not run at axis sizes {sizes} ({str(exc).splitlines()[0][:200]}); "
+                f"export: the ONNX graph does not run at axis sizes {sizes} ({first_line(exc, 200)}); "
                 f"a dynamic axis was probably traced as a constant"
             ) from None
         expected = framework.predict(model, spec, trial)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
 from stages import gate, machine
 from stages.tensors import load_arrays
@@ -248,7 +248,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer's failure is this model's, named as such
         raise ModelError(f"variants.{variant['name']}: {kind} quantization failed: {type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+                         f"{first_line(exc, 200)}") from None
 
     record = {
         "variant": variant["name"],

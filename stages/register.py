@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, first_line
 from pipeline.hashing import sha256_file
 
 VERSION = 1
@@ -97,7 +97,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             client.transition_model_version_stage(target, version.version, settings["stage"])
     except MlflowException as exc:
         raise SourceError(
-            f"publish.write_back: registry {tracking_uri} refused or unreachable ({str(exc).splitlines()[0][:200]}); "
+            f"publish.write_back: registry {tracking_uri} refused or unreachable ({first_line(exc, 200)}); "
             "no alias was moved; the next run completes the write-back"
         ) from None
     except OSError as exc:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
 from stages import gate, latency, machine, onnx_runtime
 from stages.tensors import ModelSpec, batch_of, chunked_outputs, load_arrays
@@ -97,7 +97,7 @@ class _Search:
                                                           "iterations")}
             row.update(latency=per_batch, objective=objective(per_batch, self.config["objective"]))
         except Exception as exc:  # noqa: BLE001 - a setting the provider rejects is a result, not a crash
-            row.update(latency=None, objective=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            row.update(latency=None, objective=None, error=f"{type(exc).__name__}: {first_line(exc, 200)}")
         self.trials.append(row)
         return row
 
@@ -195,7 +195,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             row.update(error=_error(metrics), passed=not failed, reason=failed[0]["message"] if failed else None)
         except Exception as exc:  # noqa: BLE001 - a candidate this provider cannot run is out of the race
             row.update(passed=False, reason=f"does not run: {type(exc).__name__}: "
-                                                       f"{str(exc).splitlines()[0][:200]}")
+                                                       f"{first_line(exc, 200)}")
         rows.append(row)
     passing = [r for r in rows if r["passed"]]
     if not passing:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from stages.frameworks import rename_tensor
 from stages.tensors import ModelSpec
 
@@ -83,7 +83,7 @@ def load(model_dir: Path, options: dict | None = None) -> TFModel:
     try:
         loaded = tf.saved_model.load(str(path), tags=["serve"])
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"SavedModel {path.name}/: tf.saved_model.load failed: {str(exc).splitlines()[0][:200]}") from None
+        raise ModelError(f"SavedModel {path.name}/: tf.saved_model.load failed: {first_line(exc, 200)}") from None
     signatures = list(loaded.signatures.keys())
     if signature not in signatures:
         raise ModelError(f"source.signature: '{signature}' is not in the SavedModel (it has: {', '.join(signatures) or 'none'})")
@@ -153,7 +153,7 @@ def export_onnx(model: TFModel, spec: ModelSpec, feeds, output_names: list[str],
         try:
             proto, _ = tf2onnx.convert.from_keras(model.model, input_signature=_tensor_specs(spec), opset=opset)
         except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"export: tf2onnx could not convert the Keras model: {_first(exc)}") from None
+            raise ModelError(f"export: tf2onnx could not convert the Keras model: {type(exc).__name__}: {first_line(exc, 250)}") from None
         onnx.save(proto, str(path))
     else:
         command = [
@@ -199,10 +199,6 @@ def _unsupported_ops(proto) -> list[str]:
         elif node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
             found.add(node.op_type)
     return sorted(found)
-
-
-def _first(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:250]}"
 
 
 def _last_error(stderr: str) -> str:
