@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution, version_of
+from stages import onnx_runtime
 from stages.tensors import load_arrays, save_arrays
 
 VERSION = 1
@@ -274,7 +275,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                                                          variant["calibration"])
     with tempfile.TemporaryDirectory(prefix="olive-", dir=out.parent) as folder:
         result = run_passes(source, variant["passes"], calibration, Path(folder), f"variants.{variant['name']}")
-        quantize._finish(result["model"], out / "model.onnx", config["level"])
+        onnx_runtime.optimize_offline(result["model"], out / "model.onnx", config["level"])
         finish = {"ort_offline_level": config["level"], **_graph_change(result["model"], out / "model.onnx")}
     # Seconds go to the step summary, not the record: the output stays byte-identical for the same inputs.
     seconds = {f"passes[{s['index']}]": s.pop("seconds") for s in result["steps"]}

@@ -57,20 +57,10 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         fused.save_model_to_file(str(current))
 
     target = out / "model.onnx"
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, onnx_runtime.LEVELS[config["level"]])
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(current), options, providers=["CPUExecutionProvider"])
+    onnx_runtime.optimize_offline(current, target, config["level"])
     # Precision variants start from a graph with only portable (basic) optimizations: the extended level's
     # fused CPU kernels (FusedConv, FusedGemm, ...) are not quantizable.
-    basic = ort.SessionOptions()
-    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    basic.optimized_model_filepath = str(out / "quantizable.onnx")
-    basic.log_severity_level = 3
-    ort.InferenceSession(str(current), basic, providers=["CPUExecutionProvider"])
+    onnx_runtime.optimize_offline(current, out / "quantizable.onnx", "basic")
     if current != source:
         current.unlink()
     after = _ops(target)

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
-from stages import gate, machine
+from stages import gate, machine, onnx_runtime
 from stages.tensors import load_arrays
 
 VERSION = 5
@@ -96,20 +96,6 @@ def _quantize(kind: str, variant: dict, source: Path, target: Path, calibration:
                         extra_options=extra)
 
 
-def _finish(raw: Path, target: Path, level: str) -> None:
-    """ONNX Runtime's offline optimization at the recipe's level, as for FP32: it turns QDQ pairs into integer
-    kernels, so the published model runs as validated with online optimization off."""
-    import onnxruntime as ort
-
-    from stages import onnx_runtime
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, onnx_runtime.LEVELS[level])
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
-
-
 def _float_outputs(graph) -> list[str]:
     """Softmax nodes that produce a graph output, kept in float. ONNX Runtime's static quantizer pins a Softmax
     output to [0, 1] in 1/255 steps, which rounds a spread-out distribution (1000 classes at ~0.001) to all
@@ -120,8 +106,6 @@ def _float_outputs(graph) -> list[str]:
 
 def _judge(path: Path, feeds, reference: dict, labels, gates: dict) -> tuple[list[dict], dict]:
     """The variant's parity verdicts against the original framework's outputs (no latency here)."""
-    from stages import onnx_runtime
-
     sess = onnx_runtime.session(path)
     names = [o.name for o in sess.get_outputs()]
     found, metrics = gate.judge_parity(dict(zip(names, onnx_runtime.run(sess, feeds))), reference, labels, gates)
@@ -210,7 +194,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     probe = {k: v[:SQNR_SAMPLES] for k, v in feeds.items()}
     try:
         _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
-        _finish(raw, target, config["level"])
+        onnx_runtime.optimize_offline(raw, target, config["level"])
         found, measured = _judge(target, feeds, reference, labels, gates)
         first = measured
         while any(not v["passed"] for v in found):
@@ -234,7 +218,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             tried.update(r["node"] for r in chosen)
             trial = excluded + [r["node"] for r in chosen]
             _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + trial)
-            _finish(raw, target, config["level"])
+            onnx_runtime.optimize_offline(raw, target, config["level"])
             trial_found, trial_measured = _judge(target, feeds, reference, labels, gates)
             helped = _score(trial_found, trial_measured) > _score(found, measured)
             rounds.append({"excluded": chosen, "after": trial_measured, "kept": helped,
@@ -243,7 +227,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                 excluded, found, measured = trial, trial_found, trial_measured
             else:  # keeping these in float did not help: quantize them again and try the next ones
                 _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
-                _finish(raw, target, config["level"])
+                onnx_runtime.optimize_offline(raw, target, config["level"])
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer's failure is this model's, named as such
