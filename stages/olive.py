@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution, version_of
 from stages import onnx_runtime
+from stages.calibration import draw_samples
 from stages.tensors import load_arrays, save_arrays
 
 VERSION = 1
@@ -267,12 +268,9 @@ def run_passes(source: Path, passes: list[dict], calibration: dict, work: Path, 
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    from stages import quantize
-
     variant = config["variant"]
     source = inputs["onnx"] / "quantizable.onnx"  # the same input the other precision variants take
-    calibration, calibration_sha = quantize._calibration(load_arrays(inputs["data"] / "inputs.npz"),
-                                                         variant["calibration"])
+    calibration, calibration_sha = draw_samples(load_arrays(inputs["data"] / "inputs.npz"), variant["calibration"])
     with tempfile.TemporaryDirectory(prefix="olive-", dir=out.parent) as folder:
         result = run_passes(source, variant["passes"], calibration, Path(folder), f"variants.{variant['name']}")
         onnx_runtime.optimize_offline(result["model"], out / "model.onnx", config["level"])

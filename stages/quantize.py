@@ -11,7 +11,6 @@ the same seed and data give a byte-identical model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
 from stages import gate, machine, onnx_runtime
+from stages.calibration import CalibrationReader, draw_samples
 from stages.tensors import load_arrays
 
 VERSION = 5
@@ -37,36 +37,6 @@ def _reduce_range(setting) -> tuple[bool, str]:
         vnni = machine.has_vnni()
         return (not vnni, "auto: CPU has VNNI" if vnni else "auto: CPU without VNNI (u8s8 can saturate on AVX2)")
     return bool(setting), "recipe"
-
-
-class _Reader:
-    """Calibration batches of one sample each, in a fixed order."""
-
-    def __init__(self, feeds: dict[str, np.ndarray]):
-        count = next(iter(feeds.values())).shape[0]
-        self.items = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(count)]
-        self.position = 0
-
-    def get_next(self):
-        if self.position >= len(self.items):
-            return None
-        self.position += 1
-        return self.items[self.position - 1]
-
-    def rewind(self):
-        self.position = 0
-
-
-def _calibration(feeds: dict[str, np.ndarray], settings: dict) -> tuple[dict[str, np.ndarray], str]:
-    count = next(iter(feeds.values())).shape[0]
-    rng = np.random.default_rng(settings["seed"])
-    rows = np.sort(rng.choice(count, size=min(settings["samples"], count), replace=False))
-    chosen = {k: np.ascontiguousarray(v[rows]) for k, v in feeds.items()}
-    digest = hashlib.sha256()
-    for name in sorted(chosen):
-        digest.update(name.encode())
-        digest.update(chosen[name].tobytes())
-    return chosen, digest.hexdigest()
 
 
 def _quantize(kind: str, variant: dict, source: Path, target: Path, calibration: dict | None,
@@ -89,7 +59,7 @@ def _quantize(kind: str, variant: dict, source: Path, target: Path, calibration:
     else:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
-        quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ,
+        quantize_static(source, target, CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=variant["per_channel"], reduce_range=reduce_range,
                         activation_type=types[variant["activation_type"]], weight_type=types[variant["weight_type"]],
                         calibrate_method=methods[variant["calibration"]["method"]], nodes_to_exclude=exclude,
@@ -179,7 +149,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     reduce_range, reduce_reason = _reduce_range(variant["reduce_range"])
     calibration, calibration_sha = (None, None)
     if kind == "int8-static":
-        calibration, calibration_sha = _calibration(feeds, variant["calibration"])
+        calibration, calibration_sha = draw_samples(feeds, variant["calibration"])
 
     graph = onnx.load(str(source), load_external_data=False).graph
     quantizable = [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
