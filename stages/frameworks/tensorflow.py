@@ -106,8 +106,8 @@ def _call(model: TFModel, spec: ModelSpec, tensors):
         keras_model = model.model
         names = [t.name for t in spec.inputs]
         model.fn = tf.function(
-            lambda *args: keras_model(_keras_inputs(names, args), training=False),
-            input_signature=_tensor_specs(spec),
+            lambda *args: keras_model(keras_inputs(names, args), training=False),
+            input_signature=tensor_specs(spec),
         )
     return model.fn(*tensors)
 
@@ -121,7 +121,7 @@ def _ordered(model: TFModel, spec: ModelSpec, result) -> list[np.ndarray]:
     return [np.asarray(result)]
 
 
-def _keras_inputs(names: list[str], tensors):
+def keras_inputs(names: list[str], tensors):
     """One tensor, or a dict by input name: Keras matches dicts to its Input layers by name, lists by position."""
     return tensors[0] if len(tensors) == 1 else dict(zip(names, tensors))
 
@@ -135,7 +135,7 @@ def runner(model: TFModel, spec: ModelSpec, feeds: dict[str, np.ndarray]):
     return lambda: _call(model, spec, tensors)
 
 
-def _tensor_specs(spec: ModelSpec):
+def tensor_specs(spec: ModelSpec):
     import tensorflow as tf
 
     return [
@@ -151,7 +151,7 @@ def export_onnx(model: TFModel, spec: ModelSpec, feeds, output_names: list[str],
         import tf2onnx
 
         try:
-            proto, _ = tf2onnx.convert.from_keras(model.model, input_signature=_tensor_specs(spec), opset=opset)
+            proto, _ = tf2onnx.convert.from_keras(model.model, input_signature=tensor_specs(spec), opset=opset)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"export: tf2onnx could not convert the Keras model: {type(exc).__name__}: {first_line(exc, 250)}") from None
         onnx.save(proto, str(path))
@@ -222,6 +222,6 @@ def layer_outputs(model: TFModel, spec: ModelSpec, feeds: dict[str, np.ndarray])
         return []
     probe = keras.Model(model.model.inputs, [layer.output for layer in layers])
     tensors = _tensors(spec, feeds)
-    outputs = probe(_keras_inputs([t.name for t in spec.inputs], tensors), training=False)
+    outputs = probe(keras_inputs([t.name for t in spec.inputs], tensors), training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     return [(layer.name, type(layer).__name__, np.asarray(out)) for layer, out in zip(layers, outputs)]
