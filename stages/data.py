@@ -6,14 +6,14 @@ drawn from the spec with a seed. The spec comes from the recipe's `inputs`, else
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import ModelError
-from stages.tensors import ModelSpec, TensorSpec, check_feeds, load_arrays, save_arrays
+from stages import artifacts
+from stages.tensors import ModelSpec, TensorSpec, check_feeds, load_arrays
 
 VERSION = 1
 
@@ -87,7 +87,7 @@ def _from_input_example(model_dir: Path, spec: ModelSpec, source: dict) -> dict[
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    source = json.loads((inputs["model"] / "source.json").read_text())
+    source = artifacts.source(inputs["model"])
     spec = _spec(config, source)
     data = config["data"]
     labels = None
@@ -96,7 +96,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         arrays = _synthetic(spec, config, declared)
         origin = "synthetic data"
     elif data["source"] == "input_example":
-        arrays = _from_input_example(inputs["model"] / "model", spec, source)
+        arrays = _from_input_example(artifacts.model_dir(inputs["model"]), spec, source)
         origin = f"input example of {source['uri']}"
     else:
         if data["source"] == "npz":
@@ -133,10 +133,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     shutil.rmtree(out.parent / "download", ignore_errors=True)  # read into memory; keep only what we write
     check_feeds(spec, arrays, origin)
     arrays = {t.name: arrays[t.name].astype(np.dtype(t.dtype), copy=False) for t in spec.inputs}
-    save_arrays(out / "inputs.npz", arrays)
-    if labels is not None:
-        save_arrays(out / "labels.npz", {"labels": labels})
-    spec.save(out / "spec.json")
+    artifacts.write_samples(out, spec, arrays, labels)
     return {
         "source": data["source"],
         "samples": int(next(iter(arrays.values())).shape[0]) if arrays else 0,

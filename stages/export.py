@@ -3,7 +3,6 @@ named dynamic axes on the graph's inputs and outputs, and a run at two different
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import numpy as np
 
 from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
-from stages import frameworks
-from stages.tensors import ModelSpec, axis_sizes, load_arrays, resize_axes
+from stages import artifacts, frameworks
+from stages.tensors import ModelSpec, axis_sizes, resize_axes
 
 VERSION = 4
 
@@ -78,11 +77,11 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
 
     from stages import onnx_runtime
 
-    source = json.loads((inputs["model"] / "source.json").read_text())
+    source = artifacts.source(inputs["model"])
     flavor = source["flavor"]
-    framework, model = frameworks.load_source(source, inputs["model"] / "model", config["source_options"])
-    spec = ModelSpec.load(inputs["data"] / "spec.json")
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
+    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config["source_options"])
+    spec = artifacts.spec(inputs["data"])
+    feeds = artifacts.inputs(inputs["data"])
     reference = framework.predict(model, spec, feeds)
     output_names = spec.outputs or [f"output_{i}" for i in range(len(reference))]
     if len(output_names) != len(reference):
@@ -90,7 +89,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             f"outputs: {len(output_names)} names ({', '.join(output_names)}) but the model returns {len(reference)} tensors"
         )
 
-    path = out / "model.onnx"
+    path = artifacts.onnx_model(out)
     done = framework.export_onnx(model, spec, feeds, output_names, config["exporter"], config["opset"], path)
 
     try:

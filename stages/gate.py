@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages import parity
-from stages.tensors import load_arrays
+from stages import artifacts, parity
 
 VERSION = 7
 
@@ -151,22 +150,21 @@ def judge_parity(candidate: dict, reference: dict, labels, gates: dict) -> tuple
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    metrics = json.loads((inputs["metrics"] / "metrics.json").read_text())
-    reference = load_arrays(inputs["metrics"] / "reference.npz")
-    candidate = load_arrays(inputs["metrics"] / "candidate.npz")
-    sweep_file = inputs["metrics"] / "sweep.npz"
-    sweep = load_arrays(sweep_file) if sweep_file.exists() else {}
+    metrics = artifacts.metrics(inputs["metrics"])
+    reference = artifacts.reference(inputs["metrics"])
+    candidate = artifacts.candidate(inputs["metrics"])
+    sweep = artifacts.sweep(inputs["metrics"])
     baseline = json.loads(Path(context["baseline"]).read_text()) if context.get("baseline") else None
     gates = config["gates"]
     if "tuned" in inputs:  # the tuned winner is held to the parity gates of the precision it won with
-        gates = {**gates, "parity": json.loads((inputs["tuned"] / "tune.json").read_text())["winner"]["gates"]}
+        gates = {**gates, "parity": artifacts.tune_record(inputs["tuned"])["winner"]["gates"]}
     found = verdicts(gates, metrics, reference, candidate, sweep, baseline)
     failed = [v for v in found if not v["passed"]]
     reason = failed[0]["message"] if failed else None
     if failed and "quantized" in inputs:
-        reason += _fallback_note(json.loads((inputs["quantized"] / "quantize.json").read_text()))
+        reason += _fallback_note(artifacts.quantize_record(inputs["quantized"]))
     result = {"passed": not failed, "verdicts": found, "reason": reason}
-    (out / "verdicts.json").write_text(json.dumps(result, indent=2))
+    artifacts.write_verdicts(out, result)
     verdict = {"passed": not failed, "reason": reason}
     # A variant the recipe does not publish is judged and reported, but does not stop the build.
     blocking = config.get("blocking", True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
+from stages import artifacts
 
 VERSION = 2
 
@@ -28,7 +29,7 @@ def _ops(path: Path) -> Counter:
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     from stages import onnx_runtime
 
-    source = inputs["onnx"] / "model.onnx"
+    source = artifacts.onnx_model(inputs["onnx"])
     before = _ops(source)
     fusions: dict[str, int] = {}
     current = source
@@ -56,11 +57,11 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         current = out / "fused.onnx"
         fused.save_model_to_file(str(current))
 
-    target = out / "model.onnx"
+    target = artifacts.onnx_model(out)
     onnx_runtime.optimize_offline(current, target, config["level"])
     # Precision variants start from a graph with only portable (basic) optimizations: the extended level's
     # fused CPU kernels (FusedConv, FusedGemm, ...) are not quantizable.
-    onnx_runtime.optimize_offline(current, out / "quantizable.onnx", "basic")
+    onnx_runtime.optimize_offline(current, artifacts.quantizable(out), "basic")
     if current != source:
         current.unlink()
     after = _ops(target)

@@ -11,16 +11,14 @@ the same seed and data give a byte-identical model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
-from stages import gate, machine, onnx_runtime
+from stages import artifacts, gate, machine, onnx_runtime
 from stages.calibration import CalibrationReader, draw_samples
-from stages.tensors import load_arrays
 
 VERSION = 5
 QUANTIZABLE = {"Conv", "MatMul", "Gemm", "Attention", "ConvTranspose", "MatMulNBits"}
@@ -141,11 +139,10 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
 
     variant, gates = config["variant"], config["gates"]
     kind = variant["kind"]
-    source = inputs["onnx"] / "quantizable.onnx"
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    labels_file = inputs["data"] / "labels.npz"
-    labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
-    reference = load_arrays(inputs["metrics"] / "reference.npz")
+    source = artifacts.quantizable(inputs["onnx"])
+    feeds = artifacts.inputs(inputs["data"])
+    labels = artifacts.labels(inputs["data"])
+    reference = artifacts.reference(inputs["metrics"])
     reduce_range, reduce_reason = _reduce_range(variant["reduce_range"])
     calibration, calibration_sha = (None, None)
     if kind == "int8-static":
@@ -156,7 +153,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     kept_float = _float_outputs(graph) if kind == "int8-static" else []
     budget = int(variant["fallback"]["max_excluded_fraction"] * len(quantizable))
     raw = out.parent / "quantized-raw.onnx"  # outside out/: node names as in the source, for the fallback
-    target = out / "model.onnx"
+    target = artifacts.onnx_model(out)
     excluded: list[str] = []
     tried: set[str] = set()
     rounds: list[dict] = []
@@ -217,8 +214,8 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "fallback": {"rounds": rounds, "excluded": excluded, "stopped": stopped},
         "passes_parity": all(v["passed"] for v in found),
         "bytes": target.stat().st_size,
-        "fp32_bytes": (inputs["onnx"] / "model.onnx").stat().st_size,
+        "fp32_bytes": artifacts.onnx_model(inputs["onnx"]).stat().st_size,
     }
-    (out / "quantize.json").write_text(json.dumps(record, indent=2))
+    artifacts.write_quantize_record(out, record)
     return {k: record[k] for k in ("variant", "kind", "reduce_range", "passes_parity", "bytes")} | {
         "excluded_nodes": excluded, "rounds": len(rounds)}

@@ -29,8 +29,8 @@ import numpy as np
 
 from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
-from stages import gate, latency, machine, onnx_runtime
-from stages.tensors import ModelSpec, batch_of, chunked_outputs, load_arrays
+from stages import artifacts, gate, latency, machine, onnx_runtime
+from stages.tensors import ModelSpec, batch_of, chunked_outputs
 
 VERSION = 3
 FINALISTS = 3
@@ -162,14 +162,13 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         if config["publish"]:
             raise ModelError(f"tune.publish: target {target!r} cannot be tuned on this machine: {reason}")
         record["skipped"] = reason
-        (out / "tune.json").write_text(json.dumps(record, indent=2))
+        artifacts.write_tune_record(out, record)
         return {"target": target, "skipped": reason}
 
-    spec = ModelSpec.load(inputs["data"] / "spec.json")
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    labels_file = inputs["data"] / "labels.npz"
-    labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
-    reference = load_arrays(inputs["reference"] / "reference.npz")
+    spec = artifacts.spec(inputs["data"])
+    feeds = artifacts.inputs(inputs["data"])
+    labels = artifacts.labels(inputs["data"])
+    reference = artifacts.reference(inputs["reference"])
     cores = here["cores"]
     first = {knob: values[0] for knob, values in _knobs(profile, cores)}
     engine_cache = out.parent / "trt-cache"  # beside out/: engines are not part of the result
@@ -183,7 +182,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             row.update(passed=False, reason=f"not built: {context.get('missing', {}).get(f'cand.{cid}', '?')}")
             rows.append(row)
             continue
-        path = inputs[f"cand.{cid}"] / "model.onnx"
+        path = artifacts.onnx_model(inputs[f"cand.{cid}"])
         paths[cid] = path
         row["bytes"] = path.stat().st_size
         try:
@@ -259,10 +258,10 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     chosen = next(r for r in rows if r["winner"])
     settings = winner["settings"]
     if settings["session_options"]["graph_optimization_level"] == onnx_runtime.LEVELS["disabled"]:
-        shutil.copyfile(paths[winner["candidate"]], out / "model.onnx")
+        shutil.copyfile(paths[winner["candidate"]], artifacts.onnx_model(out))
     else:
-        settings = onnx_runtime.bake(paths[winner["candidate"]], settings, out / "model.onnx")
-    (out / "session_config.json").write_text(json.dumps(settings, indent=2))
+        settings = onnx_runtime.bake(paths[winner["candidate"]], settings, artifacts.onnx_model(out))
+    artifacts.write_session_config(out, settings)
     record.update({
         "candidates": rows,
         "trials": search.trials,
@@ -278,7 +277,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "load_average": {"before": round(load_before, 2), "after": round(load_after, 2),
                          "busy": max(load_before, load_after) > 1.5 * cores},
     })
-    (out / "tune.json").write_text(json.dumps(record, indent=2))
+    artifacts.write_tune_record(out, record)
     return {"target": target, "skipped": None, "winner": winner["candidate"],
             "objective_ms": round(winner["final_objective"], 4), "trials": len(search.trials),
             "candidates": len(rows), "passing": len(passing)}

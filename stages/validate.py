@@ -6,7 +6,6 @@ a threshold does not re-measure."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,9 +13,8 @@ import numpy as np
 
 from pipeline.errors import ModelError
 from pipeline.versions import onnxruntime_distribution
-from stages import frameworks, latency, localize, machine, parity
-from stages.tensors import (CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, load_arrays, resize_axes,
-                            save_arrays)
+from stages import artifacts, frameworks, latency, localize, machine, parity
+from stages.tensors import CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, resize_axes
 
 VERSION = 7
 
@@ -50,27 +48,25 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
 
     settings = config["latency"]
     threads = settings["threads"] or os.cpu_count() or 1
-    source = json.loads((inputs["model"] / "source.json").read_text())
+    source = artifacts.source(inputs["model"])
     flavor = source["flavor"]
     frameworks.framework(flavor).set_threads(threads)  # before loading: TensorFlow fixes its pools at start
-    framework, model = frameworks.load_source(source, inputs["model"] / "model", config["source_options"])
-    spec = ModelSpec.load(inputs["data"] / "spec.json")
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    labels_file = inputs["data"] / "labels.npz"
-    labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
+    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config["source_options"])
+    spec = artifacts.spec(inputs["data"])
+    feeds = artifacts.inputs(inputs["data"])
+    labels = artifacts.labels(inputs["data"])
 
     # The tuned settings when a tune step chose them, else the defaults; recorded, and published as is.
-    session = (json.loads((inputs["session"] / "session_config.json").read_text()) if "session" in inputs
+    session = (artifacts.session_config(inputs["session"]) if "session" in inputs
                else onnx_runtime.default_settings(threads))
-    runner = onnx_runtime.Runner(inputs["onnx"] / "model.onnx", session)
+    runner = onnx_runtime.Runner(artifacts.onnx_model(inputs["onnx"]), session)
     names = [o.name for o in runner.session(feeds).get_outputs()]
 
     reference = chunked_outputs(lambda f: framework.predict(model, spec, f), spec, feeds)
     candidate = chunked_outputs(runner.run, spec, feeds)
     if len(reference) != len(candidate):
         raise ModelError(f"the ONNX model has {len(candidate)} outputs, the original model returns {len(reference)}")
-    save_arrays(out / "reference.npz", dict(zip(names, reference)))
-    save_arrays(out / "candidate.npz", dict(zip(names, candidate)))
+    artifacts.write_outputs(out, dict(zip(names, reference)), dict(zip(names, candidate)))
     outputs = {name: parity.compare(r, c) for name, r, c in zip(names, reference, candidate)}
 
     sweep, sweep_arrays = [], {}
@@ -82,7 +78,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             sweep.append({"sizes": sizes, "outputs": {n: parity.compare(r, c) for n, r, c in zip(names, ref, cand)}})
             sweep_arrays.update({f"{index}/reference/{n}": r for n, r in zip(names, ref)})
             sweep_arrays.update({f"{index}/candidate/{n}": c for n, c in zip(names, cand)})
-    save_arrays(out / "sweep.npz", sweep_arrays)
+    artifacts.write_sweep(out, sweep_arrays)
 
     task = None
     if labels is not None:
@@ -101,7 +97,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     if config["localize"]["enabled"]:
         subset = {k: v[_localization_rows(spec, reference[0], candidate[0], config["localize"]["samples"])]
                   for k, v in feeds.items()} if spec.batch_axis_named else feeds
-        localization = localize.localize(framework, model, spec, subset, inputs["exported"] / "model.onnx",
+        localization = localize.localize(framework, model, spec, subset, artifacts.onnx_model(inputs["exported"]),
                                          config["localize"]["tolerance"])
 
     timings = {}
@@ -135,7 +131,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "localization": localization,
         "latency": timings,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    artifacts.write_metrics(out, metrics)
     first = (localization or {}).get("first_divergent")
     return {
         "parity": {n: {k: o.get(k) for k in ("max_abs_error", "cosine")} for n, o in outputs.items()},
