@@ -134,6 +134,47 @@ def noisiest_nodes(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray]) ->
     return sorted(ranked, key=lambda r: (-r["added_noise"], r["node"]))
 
 
+def _fallback(fallback: dict, quantizable: list[str], build, judge, rank, found: list[dict],
+              measured: dict) -> tuple[list[str], list[dict], list[dict], str | None]:
+    """The accuracy-aware fallback loop: while a gate fails, keep the noisiest nodes not yet tried in float
+    (`build(excluded)` quantizes and finishes, `judge()` gives the verdicts, `rank()` the nodes by added noise),
+    keeping a round only when it helps. Returns (excluded, verdicts, rounds, why it stopped)."""
+    budget = int(fallback["max_excluded_fraction"] * len(quantizable))
+    excluded: list[str] = []
+    tried: set[str] = set()
+    rounds: list[dict] = []
+    stopped = None
+    while any(not v["passed"] for v in found):
+        if not fallback["enabled"]:
+            stopped = "fallback disabled"
+            break
+        if len(rounds) >= fallback["max_rounds"]:
+            stopped = f"budget used: max_rounds {fallback['max_rounds']}"
+            break
+        room = budget - len(excluded)
+        if room <= 0:
+            stopped = f"budget used: max_excluded_fraction {fallback['max_excluded_fraction']} ({budget} of {len(quantizable)} nodes)"
+            break
+        ranked = [r for r in rank() if r["node"] not in excluded]
+        ranked = [r for r in ranked if r["node"] not in tried]
+        if not ranked:
+            stopped = "no quantized node left whose float fallback helps"
+            break
+        chosen = ranked[: min(fallback["nodes_per_round"], room)]
+        tried.update(r["node"] for r in chosen)
+        trial = excluded + [r["node"] for r in chosen]
+        build(trial)
+        trial_found, trial_measured = judge()
+        helped = _score(trial_found, trial_measured) > _score(found, measured)
+        rounds.append({"excluded": chosen, "after": trial_measured, "kept": helped,
+                       "passed": all(v["passed"] for v in trial_found)})
+        if helped:
+            excluded, found, measured = trial, trial_found, trial_measured
+        else:  # keeping these in float did not help: quantize them again and try the next ones
+            build(excluded)
+    return excluded, found, rounds, stopped
+
+
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import onnx
 
@@ -151,50 +192,20 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     graph = onnx.load(str(source), load_external_data=False).graph
     quantizable = [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
     kept_float = _float_outputs(graph) if kind == "int8-static" else []
-    budget = int(variant["fallback"]["max_excluded_fraction"] * len(quantizable))
     raw = out.parent / "quantized-raw.onnx"  # outside out/: node names as in the source, for the fallback
     target = artifacts.onnx_model(out)
-    excluded: list[str] = []
-    tried: set[str] = set()
-    rounds: list[dict] = []
-    stopped = None
     probe = {k: v[:SQNR_SAMPLES] for k, v in feeds.items()}
-    try:
+
+    def build(excluded: list[str]) -> None:
         _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
         onnx_runtime.optimize_offline(raw, target, config["level"])
-        found, measured = _judge(target, feeds, reference, labels, gates)
-        first = measured
-        while any(not v["passed"] for v in found):
-            fallback = variant["fallback"]
-            if not fallback["enabled"]:
-                stopped = "fallback disabled"
-                break
-            if len(rounds) >= fallback["max_rounds"]:
-                stopped = f"budget used: max_rounds {fallback['max_rounds']}"
-                break
-            room = budget - len(excluded)
-            if room <= 0:
-                stopped = f"budget used: max_excluded_fraction {fallback['max_excluded_fraction']} ({budget} of {len(quantizable)} nodes)"
-                break
-            ranked = [r for r in noisiest_nodes(source, raw, probe) if r["node"] not in excluded]
-            ranked = [r for r in ranked if r["node"] not in tried]
-            if not ranked:
-                stopped = "no quantized node left whose float fallback helps"
-                break
-            chosen = ranked[: min(fallback["nodes_per_round"], room)]
-            tried.update(r["node"] for r in chosen)
-            trial = excluded + [r["node"] for r in chosen]
-            _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + trial)
-            onnx_runtime.optimize_offline(raw, target, config["level"])
-            trial_found, trial_measured = _judge(target, feeds, reference, labels, gates)
-            helped = _score(trial_found, trial_measured) > _score(found, measured)
-            rounds.append({"excluded": chosen, "after": trial_measured, "kept": helped,
-                           "passed": all(v["passed"] for v in trial_found)})
-            if helped:
-                excluded, found, measured = trial, trial_found, trial_measured
-            else:  # keeping these in float did not help: quantize them again and try the next ones
-                _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
-                onnx_runtime.optimize_offline(raw, target, config["level"])
+
+    try:
+        build([])
+        found, first = _judge(target, feeds, reference, labels, gates)
+        excluded, found, rounds, stopped = _fallback(
+            variant["fallback"], quantizable, build, lambda: _judge(target, feeds, reference, labels, gates),
+            lambda: noisiest_nodes(source, raw, probe), found, first)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer's failure is this model's, named as such
