@@ -43,6 +43,67 @@ def _localization_rows(spec: ModelSpec, reference: np.ndarray, candidate: np.nda
     return np.array([start, *sorted(ranked[: count - 1])])
 
 
+def _shape_sweep(framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], runner,
+                 names: list[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Parity at other sizes of every dynamic axis, and the outputs compared ('<trial>/reference/<output>',
+    '<trial>/candidate/<output>') for the gate's tolerance checks."""
+    sweep, arrays = [], {}
+    for index, sizes in enumerate(_sweep_sizes(spec, feeds)):
+        trial = resize_axes(spec, feeds, sizes)
+        ref = framework.predict(model, spec, trial)
+        cand = runner.run(trial)
+        sweep.append({"sizes": sizes, "outputs": {n: parity.compare(r, c) for n, r, c in zip(names, ref, cand)}})
+        arrays.update({f"{index}/reference/{n}": r for n, r in zip(names, ref)})
+        arrays.update({f"{index}/candidate/{n}": c for n, c in zip(names, cand)})
+    return sweep, arrays
+
+
+def _task(labels: np.ndarray, names: list[str], reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
+    """Top-1 accuracy and macro F1 of both models on the labelled samples (first output)."""
+    task = {
+        "metric": "top1_accuracy",
+        "output": names[0],
+        "samples": int(labels.shape[0]),
+        "reference": parity.accuracy(reference[0], labels),
+        "candidate": parity.accuracy(candidate[0], labels),
+        "reference_f1": parity.macro_f1(reference[0], labels),
+        "candidate_f1": parity.macro_f1(candidate[0], labels),
+    }
+    task["drop"] = task["reference"] - task["candidate"]
+    return task
+
+
+def _localization(settings: dict, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray],
+                  reference: list[np.ndarray], candidate: list[np.ndarray], exported: Path) -> dict:
+    """The layer-by-layer comparison against the exported graph, on the samples that differ most."""
+    subset = {k: v[_localization_rows(spec, reference[0], candidate[0], settings["samples"])]
+              for k, v in feeds.items()} if spec.batch_axis_named else feeds
+    return localize.localize(framework, model, spec, subset, exported, settings["tolerance"])
+
+
+def _latency(settings: dict, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], runner) -> dict:
+    """Latency of the original and the ONNX model at each batch size, with this step alone on the machine."""
+    timings = {}
+    with latency.exclusive():
+        for batch in settings["batch_sizes"]:
+            batch_feeds = batch_of(spec, feeds, batch)
+            measured = latency.measure(
+                {
+                    "original": framework.runner(model, spec, batch_feeds),
+                    "onnxruntime": runner.call(batch_feeds),
+                },
+                batch=batch,
+                warmup=settings["warmup"],
+                iterations=settings["iterations"],
+                target_ci=settings["target_ci"],
+                max_iterations=settings["max_iterations"],
+                time_budget_s=settings["time_budget_s"],
+            )
+            measured["speedup_p50"] = measured["original"]["p50_ms"] / measured["onnxruntime"]["p50_ms"]
+            timings[str(batch)] = measured
+    return timings
+
+
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     from stages import onnx_runtime
 
@@ -69,55 +130,13 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     artifacts.write_outputs(out, dict(zip(names, reference)), dict(zip(names, candidate)))
     outputs = {name: parity.compare(r, c) for name, r, c in zip(names, reference, candidate)}
 
-    sweep, sweep_arrays = [], {}
-    if config["shape_sweep"]:
-        for index, sizes in enumerate(_sweep_sizes(spec, feeds)):
-            trial = resize_axes(spec, feeds, sizes)
-            ref = framework.predict(model, spec, trial)
-            cand = runner.run(trial)
-            sweep.append({"sizes": sizes, "outputs": {n: parity.compare(r, c) for n, r, c in zip(names, ref, cand)}})
-            sweep_arrays.update({f"{index}/reference/{n}": r for n, r in zip(names, ref)})
-            sweep_arrays.update({f"{index}/candidate/{n}": c for n, c in zip(names, cand)})
+    sweep, sweep_arrays = ([], {}) if not config["shape_sweep"] else _shape_sweep(framework, model, spec, feeds,
+                                                                                    runner, names)
     artifacts.write_sweep(out, sweep_arrays)
-
-    task = None
-    if labels is not None:
-        task = {
-            "metric": "top1_accuracy",
-            "output": names[0],
-            "samples": int(labels.shape[0]),
-            "reference": parity.accuracy(reference[0], labels),
-            "candidate": parity.accuracy(candidate[0], labels),
-            "reference_f1": parity.macro_f1(reference[0], labels),
-            "candidate_f1": parity.macro_f1(candidate[0], labels),
-        }
-        task["drop"] = task["reference"] - task["candidate"]
-
-    localization = None
-    if config["localize"]["enabled"]:
-        subset = {k: v[_localization_rows(spec, reference[0], candidate[0], config["localize"]["samples"])]
-                  for k, v in feeds.items()} if spec.batch_axis_named else feeds
-        localization = localize.localize(framework, model, spec, subset, artifacts.onnx_model(inputs["exported"]),
-                                         config["localize"]["tolerance"])
-
-    timings = {}
-    with latency.exclusive():
-        for batch in settings["batch_sizes"]:
-            batch_feeds = batch_of(spec, feeds, batch)
-            measured = latency.measure(
-                {
-                    "original": framework.runner(model, spec, batch_feeds),
-                    "onnxruntime": runner.call(batch_feeds),
-                },
-                batch=batch,
-                warmup=settings["warmup"],
-                iterations=settings["iterations"],
-                target_ci=settings["target_ci"],
-                max_iterations=settings["max_iterations"],
-                time_budget_s=settings["time_budget_s"],
-            )
-            measured["speedup_p50"] = measured["original"]["p50_ms"] / measured["onnxruntime"]["p50_ms"]
-            timings[str(batch)] = measured
+    task = _task(labels, names, reference, candidate) if labels is not None else None
+    localization = (_localization(config["localize"], framework, model, spec, feeds, reference, candidate,
+                                  artifacts.onnx_model(inputs["exported"])) if config["localize"]["enabled"] else None)
+    timings = _latency(settings, framework, model, spec, feeds, runner)
 
     metrics = {
         "framework": flavor,
