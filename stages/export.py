@@ -72,10 +72,38 @@ def _drop_stack_traces(model) -> None:
             node.metadata_props.extend(kept)
 
 
+def _prove_dynamic_axes(framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], output_names: list[str],
+                        path: Path) -> tuple[list[dict], list[tuple[dict[str, int], list[tuple[int, ...]]]]]:
+    """Prove the dynamic axes: the graph must run, and give outputs of the right size, at two sizes of each.
+    Returns what was checked (sizes, max abs error) and the output shapes observed at each size."""
+    from stages import onnx_runtime
+
+    sess = onnx_runtime.session(path)
+    first = axis_sizes(spec, feeds)
+    checked, observed = [], []
+    for sizes in (first, _other_sizes(first)):
+        trial = resize_axes(spec, feeds, sizes)
+        try:
+            got = onnx_runtime.run(sess, trial)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(
+                f"export: the ONNX graph does not run at axis sizes {sizes} ({first_line(exc, 200)}); "
+                f"a dynamic axis was probably traced as a constant"
+            ) from None
+        expected = framework.predict(model, spec, trial)
+        for name, a, b in zip(output_names, got, expected):
+            if a.shape != b.shape:
+                raise ModelError(
+                    f"export: output '{name}' has shape {list(a.shape)} at axis sizes {sizes}, "
+                    f"the original model gives {list(b.shape)}"
+                )
+        checked.append({"sizes": sizes, "max_abs_error": float(max(np.max(np.abs(a - b)) for a, b in zip(got, expected)))})
+        observed.append((sizes, [a.shape for a in got]))
+    return checked, observed
+
+
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import onnx
-
-    from stages import onnx_runtime
 
     source = artifacts.source(inputs["model"])
     flavor = source["flavor"]
@@ -101,28 +129,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     _name_input_dims(graph, spec)
     onnx.save(graph, str(path))
 
-    # Prove the dynamic axes: the graph must run, and give outputs of the right size, at two sizes of each.
-    sess = onnx_runtime.session(path)
-    first = axis_sizes(spec, feeds)
-    checked, observed = [], []
-    for sizes in (first, _other_sizes(first)):
-        trial = resize_axes(spec, feeds, sizes)
-        try:
-            got = onnx_runtime.run(sess, trial)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelError(
-                f"export: the ONNX graph does not run at axis sizes {sizes} ({first_line(exc, 200)}); "
-                f"a dynamic axis was probably traced as a constant"
-            ) from None
-        expected = framework.predict(model, spec, trial)
-        for name, a, b in zip(output_names, got, expected):
-            if a.shape != b.shape:
-                raise ModelError(
-                    f"export: output '{name}' has shape {list(a.shape)} at axis sizes {sizes}, "
-                    f"the original model gives {list(b.shape)}"
-                )
-        checked.append({"sizes": sizes, "max_abs_error": float(max(np.max(np.abs(a - b)) for a, b in zip(got, expected)))})
-        observed.append((sizes, [a.shape for a in got]))
+    checked, observed = _prove_dynamic_axes(framework, model, spec, feeds, output_names, path)
     renamed = _name_output_dims(graph, observed)
     onnx.save(graph, str(path))
 
