@@ -46,3 +46,10 @@ class Unschedulable(KilnError):
     """No worker of the cluster offers the resources a step needs (e.g. a GPU target on CPU-only nodes)."""
 
     status = "unschedulable"
+
+
+def first_line(exc: BaseException, limit: int | None = 300, empty: str = "") -> str:
+    """The first line of an exception's message (surrounding whitespace dropped), at most `limit` characters (None: all);
+    `empty` when the message has no text. For one-line error messages that quote what a library said."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else empty)[:limit]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.errors import KilnError, StageCrashed
+from pipeline.errors import KilnError, StageCrashed, first_line
 from pipeline.settings import quiet_environment
 from pipeline import open_store
 
@@ -74,7 +74,7 @@ def execute(task: Task, worker: dict[str, Any] | None = None) -> dict[str, Any]:
         log = Path(task.logs) / f"{task.stage}-{task.key[:12]}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(traceback.format_exc())
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = first_line(exc)
         raise StageCrashed(
             f"{task.step_id}: stage crashed with {type(exc).__name__}: {first} (traceback: {log})"
         ) from None

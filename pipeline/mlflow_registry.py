@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, first_line
 from pipeline.recipe import parse_model_uri
 
 
@@ -61,7 +61,7 @@ def resolve(uri: str, tracking_uri: str) -> SourceRef:
             found = registry.get_model_version(name, version)
     except MlflowException as exc:
         if _unreachable(exc):
-            raise SourceError(f"tracking URI {tracking_uri}: unreachable ({_first_line(exc)})") from None
+            raise SourceError(f"tracking URI {tracking_uri}: unreachable ({first_line(exc, 200, empty=type(exc).__name__)})") from None
         if alias is not None:
             raise SourceError(
                 f"source.uri {uri}: no alias '{alias}' on registered model '{name}' at {tracking_uri}"
@@ -69,7 +69,7 @@ def resolve(uri: str, tracking_uri: str) -> SourceRef:
         raise SourceError(f"source.uri {uri}: version {version} of '{name}' does not exist at {tracking_uri}") from None
     except Exception as exc:  # requests / sqlalchemy errors before MLflow wraps them
         if _unreachable(exc) or "sqlite" in str(exc).lower():
-            raise SourceError(f"tracking URI {tracking_uri}: unreachable ({_first_line(exc)})") from None
+            raise SourceError(f"tracking URI {tracking_uri}: unreachable ({first_line(exc, 200, empty=type(exc).__name__)})") from None
         raise
     return SourceRef(
         uri=uri,
@@ -80,8 +80,3 @@ def resolve(uri: str, tracking_uri: str) -> SourceRef:
         model_source=found.source,
         created=int(found.creation_timestamp or 0),
     )
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

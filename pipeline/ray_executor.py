@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import BadInput, KilnError, StageCrashed, Unschedulable
+from pipeline.errors import BadInput, KilnError, StageCrashed, Unschedulable, first_line
 from pipeline.executor import Task, execute
 from pipeline.store import Store
 
@@ -108,10 +108,6 @@ def _check_reachable(address: str) -> None:
                        "start a cluster there with `ray start --head` or fix the address") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]
-
-
 class RayExecutor:
     """Joins (or starts) the cluster at the first step that has to run, so an all-cached run starts nothing."""
 
@@ -153,7 +149,7 @@ class RayExecutor:
                          object_store_memory=LOCAL_OBJECT_STORE, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             self._owns = False
-            raise BadInput(f"--executor ray={address}: no Ray cluster reachable there ({_first_line(exc)}); "
+            raise BadInput(f"--executor ray={address}: no Ray cluster reachable there ({first_line(exc)}); "
                            "start one with `ray start --head` and pass the address it prints") from None
 
     def submit(self, task: Task) -> Future:
@@ -210,11 +206,11 @@ class RayExecutor:
             cause = exc.cause
             if isinstance(cause, KilnError):
                 return cause
-            return StageCrashed(f"{task.step_id}: {type(cause).__name__}: {_first_line(cause)}")
+            return StageCrashed(f"{task.step_id}: {type(cause).__name__}: {first_line(cause)}")
         if isinstance(exc, exceptions.TaskCancelledError):
             return StageCrashed(f"{task.step_id}: the Ray task was cancelled")
         return StageCrashed(
-            f"{task.step_id}: its Ray worker was lost on all {RETRIES + 1} attempt(s) ({type(exc).__name__}: {_first_line(exc)}); "
+            f"{task.step_id}: its Ray worker was lost on all {RETRIES + 1} attempt(s) ({type(exc).__name__}: {first_line(exc)}); "
             "nothing was published for it; the node's Ray logs say why (memory, a native crash, a lost node)"
         )
 

@@ -184,8 +184,13 @@ def write_skipped(out: Path, reason: str) -> None:
 
 # --- BUNDLE (publish) and REGISTERED (register) ---------------------------------------------------------------------
 
+def manifest_file(folder: Path) -> Path:
+    """The bundle's manifest.json, which holds every file's sha256 (so its own sha256 names the bundle)."""
+    return folder / "manifest.json"
+
+
 def manifest(folder: Path) -> dict:
-    return _json(folder / "manifest.json")
+    return _json(manifest_file(folder))
 
 
 def write_registered(out: Path, record: dict) -> None:

@@ -6,10 +6,8 @@ drawn from the spec with a seed. The spec comes from the recipe's `inputs`, else
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-
 from typing import Literal
 
 import numpy as np
@@ -18,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.errors import ModelError, RecipeError
 from pipeline.schema import StageConfig, Strict
 from stages import artifacts
-from stages.tensors import ModelSpec, TensorSpec, check_feeds, load_arrays, save_arrays
+from stages.tensors import ModelSpec, TensorSpec, check_feeds, load_arrays
 
 VERSION = 2
 DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
@@ -136,7 +134,7 @@ def _from_input_example(model_dir: Path, spec: ModelSpec, source: dict) -> dict[
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    source = json.loads((inputs["model"] / "source.json").read_text())
+    source = artifacts.source(inputs["model"])
     spec = _spec(config, source)
     data = config["data"]
     labels = None
@@ -145,7 +143,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         arrays = _synthetic(spec, config, declared)
         origin = "synthetic data"
     elif data["source"] == "input_example":
-        arrays = _from_input_example(inputs["model"] / "model", spec, source)
+        arrays = _from_input_example(artifacts.model_dir(inputs["model"]), spec, source)
         origin = f"input example of {source['uri']}"
     else:
         if data["source"] == "npz":
@@ -182,10 +180,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     shutil.rmtree(out.parent / "download", ignore_errors=True)  # read into memory; keep only what we write
     check_feeds(spec, arrays, origin)
     arrays = {t.name: arrays[t.name].astype(np.dtype(t.dtype), copy=False) for t in spec.inputs}
-    save_arrays(out / "inputs.npz", arrays)
-    if labels is not None:
-        save_arrays(out / "labels.npz", {"labels": labels})
-    spec.save(out / "spec.json")
+    artifacts.write_samples(out, spec, arrays, labels)
     return {
         "source": data["source"],
         "samples": int(next(iter(arrays.values())).shape[0]) if arrays else 0,

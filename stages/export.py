@@ -3,18 +3,17 @@ named dynamic axes on the graph's inputs and outputs, and a run at two different
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field, create_model
 
-from pipeline.errors import ModelError, RecipeError
+from pipeline.errors import ModelError, RecipeError, first_line
 from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
 from stages import artifacts, frameworks
-from stages.tensors import ModelSpec, axis_sizes, load_arrays, resize_axes
+from stages.tensors import ModelSpec, axis_sizes, resize_axes
 
 VERSION = 5
 
@@ -98,36 +97,12 @@ def _drop_stack_traces(model) -> None:
             node.metadata_props.extend(kept)
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    import onnx
-
+def _prove_dynamic_axes(framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], output_names: list[str],
+                        path: Path) -> tuple[list[dict], list[tuple[dict[str, int], list[tuple[int, ...]]]]]:
+    """Prove the dynamic axes: the graph must run, and give outputs of the right size, at two sizes of each.
+    Returns what was checked (sizes, max abs error) and the output shapes observed at each size."""
     from stages import onnx_runtime
 
-    source = json.loads((inputs["model"] / "source.json").read_text())
-    flavor = source["flavor"]
-    framework, model = frameworks.load_source(source, inputs["model"] / "model", config["source_options"])
-    spec = ModelSpec.load(inputs["data"] / "spec.json")
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    reference = framework.predict(model, spec, feeds)
-    output_names = spec.outputs or [f"output_{i}" for i in range(len(reference))]
-    if len(output_names) != len(reference):
-        raise ModelError(
-            f"outputs: {len(output_names)} names ({', '.join(output_names)}) but the model returns {len(reference)} tensors"
-        )
-
-    path = out / "model.onnx"
-    done = framework.export_onnx(model, spec, feeds, output_names, config["exporter"], config["opset"], path)
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"export: onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
-    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
-    _drop_stack_traces(graph)
-    _name_input_dims(graph, spec)
-    onnx.save(graph, str(path))
-
-    # Prove the dynamic axes: the graph must run, and give outputs of the right size, at two sizes of each.
     sess = onnx_runtime.session(path)
     first = axis_sizes(spec, feeds)
     checked, observed = [], []
@@ -137,7 +112,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             got = onnx_runtime.run(sess, trial)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(
-                f"export: the ONNX graph does not run at axis sizes {sizes} ({str(exc).splitlines()[0][:200]}); "
+                f"export: the ONNX graph does not run at axis sizes {sizes} ({first_line(exc, 200)}); "
                 f"a dynamic axis was probably traced as a constant"
             ) from None
         expected = framework.predict(model, spec, trial)
@@ -149,6 +124,37 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                 )
         checked.append({"sizes": sizes, "max_abs_error": float(max(np.max(np.abs(a - b)) for a, b in zip(got, expected)))})
         observed.append((sizes, [a.shape for a in got]))
+    return checked, observed
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    import onnx
+
+    source = artifacts.source(inputs["model"])
+    flavor = source["flavor"]
+    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config["source_options"])
+    spec = artifacts.spec(inputs["data"])
+    feeds = artifacts.inputs(inputs["data"])
+    reference = framework.predict(model, spec, feeds)
+    output_names = spec.outputs or [f"output_{i}" for i in range(len(reference))]
+    if len(output_names) != len(reference):
+        raise ModelError(
+            f"outputs: {len(output_names)} names ({', '.join(output_names)}) but the model returns {len(reference)} tensors"
+        )
+
+    path = artifacts.onnx_model(out)
+    done = framework.export_onnx(model, spec, feeds, output_names, config["exporter"], config["opset"], path)
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"export: onnx.checker rejected the exported graph: {first_line(exc, None)}") from None
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
+    _drop_stack_traces(graph)
+    _name_input_dims(graph, spec)
+    onnx.save(graph, str(path))
+
+    checked, observed = _prove_dynamic_axes(framework, model, spec, feeds, output_names, path)
     renamed = _name_output_dims(graph, observed)
     onnx.save(graph, str(path))
 

@@ -81,7 +81,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         )
     except Exception as exc:  # noqa: BLE001
         raise SourceError(f"models:/{name}/{version}: download failed: {type(exc).__name__}: {exc}") from None
-    local = out / "model"
+    local = artifacts.model_dir(out)
     downloaded.rename(local)  # MLflow nests the files under the artifact folder's name
 
     # Verify the download against MLflow's own record of the version's files.
@@ -120,7 +120,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "input_example": example.get("artifact_path"),
         "files_checked": len(recorded),
     }
-    (out / "source.json").write_text(json.dumps(description, indent=2))
+    artifacts.write_source(out, description)
     return {"flavor": flavor, "files": len(got), "bytes": sum(got.values())}
 
 

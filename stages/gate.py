@@ -10,7 +10,6 @@ from pydantic import Field
 
 from pipeline.schema import StageConfig, Strict
 from stages import artifacts, parity
-from stages.tensors import load_arrays
 
 VERSION = 8
 
@@ -87,93 +86,124 @@ def _where(metrics: dict) -> str:
             "so the error comes from a later stage")
 
 
-def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict, sweep: dict | None = None,
-             baseline: dict | None = None) -> list[dict]:
+def _verdict(gate: str, subject: str, passed: bool, value, threshold, message: str) -> dict:
+    return {"gate": gate, "subject": subject, "passed": bool(passed), "value": value, "threshold": threshold,
+            "message": message}
+
+
+def _unknown_outputs(gates: dict, metrics: dict) -> list[dict]:
+    """Per-output gates that name an output the model does not have."""
+    return [_verdict("parity.outputs", name, False, None, None,
+                     f"gates.parity.outputs.{name}: the model has no output '{name}' "
+                     f"(outputs: {', '.join(metrics['outputs'])})")
+            for name in sorted(set(gates["parity"]["outputs"]) - set(metrics["outputs"]))]
+
+
+def _tolerance_verdicts(gate: dict, name: str, metrics: dict, reference: dict, candidate: dict,
+                        sweep: dict | None) -> list[dict]:
+    """atol/rtol on one output, at the validated sizes and at every size of the shape sweep."""
+    atol, rtol = gate.get("atol") or 0.0, gate.get("rtol") or 0.0
+    label = f"output '{name}'"
+    trials = [("", reference[name], candidate[name])]
+    for index, trial in enumerate(metrics.get("shape_sweep") or []):
+        if sweep and f"{index}/reference/{name}" in sweep:
+            trials.append((f" at axis sizes {trial['sizes']}", sweep[f"{index}/reference/{name}"],
+                           sweep[f"{index}/candidate/{name}"]))
     found = []
+    for where, ref, cand in trials:
+        worst = parity.tolerance_violation(ref, cand, atol, rtol)
+        found.append(_verdict(
+            "atol_rtol", name + where, worst["passed"], worst["worst_abs_error"], {"atol": atol, "rtol": rtol},
+            f"{label}{where}: |onnx - original| = {_fmt(worst['worst_abs_error'])} at index "
+            f"{tuple(worst['worst_index'])} exceeds atol {_fmt(atol)} + rtol {_fmt(rtol)} x |original| = "
+            f"{_fmt(worst['worst_allowed'])} ({worst['violations']} of {worst['elements']} elements out of "
+            f"tolerance){_where(metrics)}"))
+    return found
 
-    def add(gate: str, subject: str, passed: bool, value, threshold, message: str) -> None:
-        found.append(
-            {"gate": gate, "subject": subject, "passed": bool(passed), "value": value, "threshold": threshold,
-             "message": message}
-        )
 
-    unknown = sorted(set(gates["parity"]["outputs"]) - set(metrics["outputs"]))
-    for name in unknown:
-        add("parity.outputs", name, False, None, None,
-            f"gates.parity.outputs.{name}: the model has no output '{name}' (outputs: {', '.join(metrics['outputs'])})")
+def _output_verdicts(gate: dict, name: str, measured: dict, metrics: dict, reference: dict, candidate: dict,
+                     sweep: dict | None) -> list[dict]:
+    """One output's parity gates: shape, finite values, tolerance, cosine, mean cosine, top-1 agreement."""
+    label = f"output '{name}'"
+    if measured.get("shape_mismatch"):
+        return [_verdict("shape", name, False, measured["candidate_shape"], measured["shape"],
+                         f"{label}: ONNX shape {measured['candidate_shape']} != original {measured['shape']}")]
+    bad = measured["nan"] + measured["inf"]
+    # Any NaN fails, even where the original produces one too: a serving team cannot ship it either way.
+    found = [_verdict("finite", name, bad == 0, bad, 0,
+                      f"{label}: {measured['nan']} NaN and {measured['inf']} Inf values in the ONNX output "
+                      f"({measured['reference_nan']} NaN in the original's)")]
+    if gate.get("atol") is not None or gate.get("rtol") is not None:
+        found += _tolerance_verdicts(gate, name, metrics, reference, candidate, sweep)
+    if gate.get("min_cosine") is not None:
+        found.append(_verdict(
+            "min_cosine", name, measured["cosine"] >= gate["min_cosine"], measured["cosine"], gate["min_cosine"],
+            f"{label}: cosine similarity {measured['cosine']:.6f} is below min_cosine {gate['min_cosine']}"
+            f"{_where(metrics)}"))
+    if gate.get("min_mean_cosine") is not None:
+        value = measured.get("mean_row_cosine")
+        found.append(_verdict(
+            "min_mean_cosine", name, value is not None and value >= gate["min_mean_cosine"], value,
+            gate["min_mean_cosine"],
+            f"{label}: mean per-sample cosine {value if value is None else round(value, 6)} is below "
+            f"min_mean_cosine {gate['min_mean_cosine']}{_where(metrics)}"))
+    if gate.get("min_top1") is not None:
+        agreement = measured.get("top1_agreement")
+        if agreement is None:
+            found.append(_verdict("min_top1", name, False, None, gate["min_top1"],
+                                  f"gates.parity min_top1: {label} has no class axis (shape {measured['shape']})"))
+        else:
+            found.append(_verdict("min_top1", name, agreement >= gate["min_top1"], agreement, gate["min_top1"],
+                                  f"{label}: top-1 agreement {agreement:.4f} is below min_top1 {gate['min_top1']}"))
+    return found
 
-    for name, measured in metrics["outputs"].items():
-        gate = _output_gate(gates, name)
-        label = f"output '{name}'"
-        if measured.get("shape_mismatch"):
-            add("shape", name, False, measured["candidate_shape"], measured["shape"],
-                f"{label}: ONNX shape {measured['candidate_shape']} != original {measured['shape']}")
-            continue
-        bad = measured["nan"] + measured["inf"]
-        # Any NaN fails, even where the original produces one too: a serving team cannot ship it either way.
-        add("finite", name, bad == 0, bad, 0,
-            f"{label}: {measured['nan']} NaN and {measured['inf']} Inf values in the ONNX output "
-            f"({measured['reference_nan']} NaN in the original's)")
-        if gate.get("atol") is not None or gate.get("rtol") is not None:
-            atol, rtol = gate.get("atol") or 0.0, gate.get("rtol") or 0.0
-            trials = [("", reference[name], candidate[name])]
-            for index, trial in enumerate(metrics.get("shape_sweep") or []):
-                if sweep and f"{index}/reference/{name}" in sweep:
-                    trials.append((f" at axis sizes {trial['sizes']}", sweep[f"{index}/reference/{name}"],
-                                   sweep[f"{index}/candidate/{name}"]))
-            for where, ref, cand in trials:
-                worst = parity.tolerance_violation(ref, cand, atol, rtol)
-                add("atol_rtol", name + where, worst["passed"], worst["worst_abs_error"], {"atol": atol, "rtol": rtol},
-                    f"{label}{where}: |onnx - original| = {_fmt(worst['worst_abs_error'])} at index "
-                    f"{tuple(worst['worst_index'])} exceeds atol {_fmt(atol)} + rtol {_fmt(rtol)} x |original| = "
-                    f"{_fmt(worst['worst_allowed'])} ({worst['violations']} of {worst['elements']} elements out of "
-                    f"tolerance){_where(metrics)}")
-        if gate.get("min_cosine") is not None:
-            add("min_cosine", name, measured["cosine"] >= gate["min_cosine"], measured["cosine"], gate["min_cosine"],
-                f"{label}: cosine similarity {measured['cosine']:.6f} is below min_cosine {gate['min_cosine']}"
-                f"{_where(metrics)}")
-        if gate.get("min_mean_cosine") is not None:
-            value = measured.get("mean_row_cosine")
-            add("min_mean_cosine", name, value is not None and value >= gate["min_mean_cosine"], value,
-                gate["min_mean_cosine"],
-                f"{label}: mean per-sample cosine {value if value is None else round(value, 6)} is below "
-                f"min_mean_cosine {gate['min_mean_cosine']}{_where(metrics)}")
-        if gate.get("min_top1") is not None:
-            agreement = measured.get("top1_agreement")
-            if agreement is None:
-                add("min_top1", name, False, None, gate["min_top1"],
-                    f"gates.parity min_top1: {label} has no class axis (shape {measured['shape']})")
-            else:
-                add("min_top1", name, agreement >= gate["min_top1"], agreement, gate["min_top1"],
-                    f"{label}: top-1 agreement {agreement:.4f} is below min_top1 {gate['min_top1']}")
 
+def _task_verdicts(gates: dict, metrics: dict) -> list[dict]:
+    """The accuracy drop on labelled data, when the gates bound it and validate measured it."""
     max_drop = gates["parity"].get("max_accuracy_drop")
-    if max_drop is not None and metrics.get("task"):
-        task = metrics["task"]
-        add("max_accuracy_drop", task["output"], task["drop"] <= max_drop, task["drop"], max_drop,
-            f"accuracy dropped {task['drop']:.4f} ({task['reference']:.4f} -> {task['candidate']:.4f}), "
-            f"more than max_accuracy_drop {max_drop}")
+    if max_drop is None or not metrics.get("task"):
+        return []
+    task = metrics["task"]
+    return [_verdict("max_accuracy_drop", task["output"], task["drop"] <= max_drop, task["drop"], max_drop,
+                     f"accuracy dropped {task['drop']:.4f} ({task['reference']:.4f} -> {task['candidate']:.4f}), "
+                     f"more than max_accuracy_drop {max_drop}")]
 
+
+def _latency_verdicts(gates: dict, metrics: dict, baseline: dict | None) -> list[dict]:
+    """Per batch size: p95 budget, speedup over the original, regression against the baseline version."""
+    found = []
     for batch, timing in metrics["latency"].items():
         limit = _per_batch(gates["latency"].get("max_p95_ms"), batch)
         if limit is not None:
             p95 = timing["onnxruntime"]["p95_ms"]
-            add("max_p95_ms", f"batch {batch}", p95 <= limit, p95, limit,
-                f"batch {batch}: ONNX Runtime p95 {p95:.3f} ms exceeds max_p95_ms {limit}")
+            found.append(_verdict("max_p95_ms", f"batch {batch}", p95 <= limit, p95, limit,
+                                  f"batch {batch}: ONNX Runtime p95 {p95:.3f} ms exceeds max_p95_ms {limit}"))
         minimum = _per_batch(gates["latency"].get("min_speedup"), batch)
         if minimum is not None:
             speedup = timing["speedup_p50"]
-            add("min_speedup", f"batch {batch}", speedup >= minimum, speedup, minimum,
-                f"batch {batch}: speedup {speedup:.2f}x over the original is below min_speedup {minimum}x")
+            found.append(_verdict(
+                "min_speedup", f"batch {batch}", speedup >= minimum, speedup, minimum,
+                f"batch {batch}: speedup {speedup:.2f}x over the original is below min_speedup {minimum}x"))
         limit = gates["latency"].get("max_regression")
         if limit is not None and baseline:
             before = baseline.get("metrics", {}).get("latency", {}).get(batch)
             if before:
                 ratio = timing["onnxruntime"]["p50_ms"] / before["onnxruntime"]["p50_ms"]
                 version = baseline.get("source", {}).get("version")
-                add("max_regression", f"batch {batch}", ratio <= 1 + limit, ratio, 1 + limit,
+                found.append(_verdict(
+                    "max_regression", f"batch {batch}", ratio <= 1 + limit, ratio, 1 + limit,
                     f"batch {batch}: ONNX Runtime p50 {timing['onnxruntime']['p50_ms']:.3f} ms is {ratio:.2f}x "
-                    f"version {version}'s {before['onnxruntime']['p50_ms']:.3f} ms, beyond max_regression {limit}")
+                    f"version {version}'s {before['onnxruntime']['p50_ms']:.3f} ms, beyond max_regression {limit}"))
+    return found
+
+
+def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict, sweep: dict | None = None,
+             baseline: dict | None = None) -> list[dict]:
+    found = _unknown_outputs(gates, metrics)
+    for name, measured in metrics["outputs"].items():
+        found += _output_verdicts(_output_gate(gates, name), name, measured, metrics, reference, candidate, sweep)
+    found += _task_verdicts(gates, metrics)
+    found += _latency_verdicts(gates, metrics, baseline)
     return found
 
 
@@ -191,22 +221,21 @@ def judge_parity(candidate: dict, reference: dict, labels, gates: dict) -> tuple
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    metrics = json.loads((inputs["metrics"] / "metrics.json").read_text())
-    reference = load_arrays(inputs["metrics"] / "reference.npz")
-    candidate = load_arrays(inputs["metrics"] / "candidate.npz")
-    sweep_file = inputs["metrics"] / "sweep.npz"
-    sweep = load_arrays(sweep_file) if sweep_file.exists() else {}
+    metrics = artifacts.metrics(inputs["metrics"])
+    reference = artifacts.reference(inputs["metrics"])
+    candidate = artifacts.candidate(inputs["metrics"])
+    sweep = artifacts.sweep(inputs["metrics"])
     baseline = json.loads(Path(context["baseline"]).read_text()) if context.get("baseline") else None
     gates = config["gates"]
     if "tuned" in inputs:  # the tuned winner is held to the parity gates of the precision it won with
-        gates = {**gates, "parity": json.loads((inputs["tuned"] / "tune.json").read_text())["winner"]["gates"]}
+        gates = {**gates, "parity": artifacts.tune_record(inputs["tuned"])["winner"]["gates"]}
     found = verdicts(gates, metrics, reference, candidate, sweep, baseline)
     failed = [v for v in found if not v["passed"]]
     reason = failed[0]["message"] if failed else None
     if failed and "quantized" in inputs:
-        reason += _fallback_note(json.loads((inputs["quantized"] / "quantize.json").read_text()))
+        reason += _fallback_note(artifacts.quantize_record(inputs["quantized"]))
     result = {"passed": not failed, "verdicts": found, "reason": reason}
-    (out / "verdicts.json").write_text(json.dumps(result, indent=2))
+    artifacts.write_verdicts(out, result)
     verdict = {"passed": not failed, "reason": reason}
     # A variant the recipe does not publish is judged and reported, but does not stop the build.
     blocking = config.get("blocking", True)

@@ -21,7 +21,6 @@ import tempfile
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -29,7 +28,8 @@ from pydantic import Field, model_validator
 from pipeline.errors import ModelError
 from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution, version_of
-from stages import artifacts
+from stages import artifacts, onnx_runtime
+from stages.calibration import draw_samples
 from stages.optimize import Level
 from stages.quantize import Calibration, VariantBase
 from stages.tensors import load_arrays, save_arrays
@@ -313,16 +313,13 @@ def run_passes(source: Path, passes: list[dict], calibration: dict, work: Path, 
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    from stages import quantize
-
     variant = config["variant"]
-    source = inputs["onnx"] / "quantizable.onnx"  # the same input the other precision variants take
-    calibration, calibration_sha = quantize._calibration(load_arrays(inputs["data"] / "inputs.npz"),
-                                                         variant["calibration"])
+    source = artifacts.quantizable(inputs["onnx"])  # the same input the other precision variants take
+    calibration, calibration_sha = draw_samples(artifacts.inputs(inputs["data"]), variant["calibration"])
     with tempfile.TemporaryDirectory(prefix="olive-", dir=out.parent) as folder:
         result = run_passes(source, variant["passes"], calibration, Path(folder), f"variants.{variant['name']}")
-        quantize._finish(result["model"], out / "model.onnx", config["level"])
-        finish = {"ort_offline_level": config["level"], **_graph_change(result["model"], out / "model.onnx")}
+        onnx_runtime.optimize_offline(result["model"], artifacts.onnx_model(out), config["level"])
+        finish = {"ort_offline_level": config["level"], **_graph_change(result["model"], artifacts.onnx_model(out))}
     # Seconds go to the step summary, not the record: the output stays byte-identical for the same inputs.
     seconds = {f"passes[{s['index']}]": s.pop("seconds") for s in result["steps"]}
     passes = result["passes"]
@@ -337,7 +334,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     }
     (out / "olive.json").write_text(json.dumps(record, indent=2, default=str))
     uses_data = any("data_config" in s["resolved_config"] for s in result["steps"])
-    (out / "quantize.json").write_text(json.dumps({
+    artifacts.write_quantize_record(out, {
         "variant": variant["name"],
         "kind": "olive",
         "passes": [p["type"] for p in passes],
@@ -345,12 +342,13 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "reduce_range": None,
         "calibration": record["calibration"] if uses_data else None,
         "fallback": None,
-        "bytes": (out / "model.onnx").stat().st_size,
-        "fp32_bytes": (inputs["onnx"] / "model.onnx").stat().st_size,
+        "bytes": artifacts.onnx_model(out).stat().st_size,
+        "fp32_bytes": artifacts.onnx_model(inputs["onnx"]).stat().st_size,
         "record": "olive.json",
-    }, indent=2))
+    })
     return {"variant": variant["name"], "kind": "olive", "olive": record["olive_version"],
-            "passes": [p["type"] for p in passes], "pass_seconds": seconds, "bytes": (out / "model.onnx").stat().st_size}
+            "passes": [p["type"] for p in passes], "pass_seconds": seconds,
+            "bytes": artifacts.onnx_model(out).stat().st_size}
 
 
 def plan(graph) -> None:

@@ -100,17 +100,25 @@ def session_from(path: Path, config: dict):
                                 provider_options=config["provider_options"])
 
 
-def bake(path: Path, config: dict, target: Path) -> dict:
-    """Save the graph as the settings' online optimization leaves it, and return settings that load it as is
-    (ORT_DISABLE_ALL): every consumer of the bundle, whatever its own default level, then runs the same graph."""
+def optimize_offline(source: Path, target: Path, level: str, providers: list[str] | None = None,
+                     provider_options: list[dict] | None = None) -> None:
+    """ONNX Runtime's offline graph optimization: load `source` at `level` (a key of LEVELS) and save the graph
+    the session optimized to `target`. On the CPU provider unless `providers` say otherwise."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                               config["session_options"]["graph_optimization_level"])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     options.optimized_model_filepath = str(target)
     options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=config["providers"], provider_options=config["provider_options"])
+    ort.InferenceSession(str(source), options, providers=providers or ["CPUExecutionProvider"],
+                         provider_options=provider_options)
+
+
+def bake(path: Path, config: dict, target: Path) -> dict:
+    """Save the graph as the settings' online optimization leaves it, and return settings that load it as is
+    (ORT_DISABLE_ALL): every consumer of the bundle, whatever its own default level, then runs the same graph."""
+    level = next(k for k, v in LEVELS.items() if v == config["session_options"]["graph_optimization_level"])
+    optimize_offline(path, target, level, config["providers"], config["provider_options"])
     return {**config, "session_options": {**config["session_options"], "graph_optimization_level": LEVELS["disabled"]}}
 
 

@@ -54,7 +54,7 @@ def _ops(path: Path) -> Counter:
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     from stages import onnx_runtime
 
-    source = inputs["onnx"] / "model.onnx"
+    source = artifacts.onnx_model(inputs["onnx"])
     before = _ops(source)
     fusions: dict[str, int] = {}
     current = source
@@ -82,21 +82,11 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         current = out / "fused.onnx"
         fused.save_model_to_file(str(current))
 
-    target = out / "model.onnx"
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, onnx_runtime.LEVELS[config["level"]])
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(current), options, providers=["CPUExecutionProvider"])
+    target = artifacts.onnx_model(out)
+    onnx_runtime.optimize_offline(current, target, config["level"])
     # Precision variants start from a graph with only portable (basic) optimizations: the extended level's
     # fused CPU kernels (FusedConv, FusedGemm, ...) are not quantizable.
-    basic = ort.SessionOptions()
-    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    basic.optimized_model_filepath = str(out / "quantizable.onnx")
-    basic.log_severity_level = 3
-    ort.InferenceSession(str(current), basic, providers=["CPUExecutionProvider"])
+    onnx_runtime.optimize_offline(current, artifacts.quantizable(out), "basic")
     if current != source:
         current.unlink()
     after = _ops(target)

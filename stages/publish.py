@@ -68,7 +68,7 @@ def _tuned_targets(inputs: dict[str, Path], out: Path, spec: ModelSpec, onnx_out
     return records
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     source = artifacts.source(inputs["model"])
     spec = artifacts.spec(inputs["data"])
     metrics = artifacts.metrics(inputs["metrics"])
@@ -85,15 +85,15 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         json.dumps(_session_config(spec, metrics["session"], list(candidate)), indent=2))
     tuning = _tuned_targets(inputs, out, spec, list(candidate))
     serving = _serving(inputs, out, upstream)
-    (out / "README.md").write_text(_readme(config["recipe"]["name"], source, spec, serving))
+    (out / "README.md").write_text(_readme(config.recipe["name"], source, spec, serving))
 
-    variants = _variants(inputs, config["recipe"].get("select", "fp32"))
+    variants = _variants(inputs, config.recipe.get("select", "fp32"))
     order = ["model", "data", "export", "onnx", "metrics", "verdicts", *(f"serving.{t}" for t in serving)]
     steps = [upstream[name] for name in order if name in upstream]
     manifest = {
         "kiln_version": __version__,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "recipe": {"name": config["recipe"]["name"], "sha256": config["recipe_sha256"], "spec": config["recipe"]},
+        "recipe": {"name": config.recipe["name"], "sha256": config.recipe_sha256, "spec": config.recipe},
         "source": {**{k: source[k] for k in ("uri", "name", "version", "run_id", "flavor", "framework_version")},
                    "requested_uri": context["source_uri"]},
         "model": {

@@ -11,21 +11,18 @@ the same seed and data give a byte-identical model.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-
 from typing import Annotated, Literal, Union
 
 import numpy as np
 from pydantic import Field
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.schema import Slug, StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
-from stages import artifacts, gate, machine
+from stages import artifacts, gate, machine, onnx_runtime
+from stages.calibration import CalibrationReader, draw_samples
 from stages.optimize import Level
-from stages.tensors import load_arrays
 
 VERSION = 6
 
@@ -104,36 +101,6 @@ def _reduce_range(setting) -> tuple[bool, str]:
     return bool(setting), "recipe"
 
 
-class _Reader:
-    """Calibration batches of one sample each, in a fixed order."""
-
-    def __init__(self, feeds: dict[str, np.ndarray]):
-        count = next(iter(feeds.values())).shape[0]
-        self.items = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(count)]
-        self.position = 0
-
-    def get_next(self):
-        if self.position >= len(self.items):
-            return None
-        self.position += 1
-        return self.items[self.position - 1]
-
-    def rewind(self):
-        self.position = 0
-
-
-def _calibration(feeds: dict[str, np.ndarray], settings: dict) -> tuple[dict[str, np.ndarray], str]:
-    count = next(iter(feeds.values())).shape[0]
-    rng = np.random.default_rng(settings["seed"])
-    rows = np.sort(rng.choice(count, size=min(settings["samples"], count), replace=False))
-    chosen = {k: np.ascontiguousarray(v[rows]) for k, v in feeds.items()}
-    digest = hashlib.sha256()
-    for name in sorted(chosen):
-        digest.update(name.encode())
-        digest.update(chosen[name].tobytes())
-    return chosen, digest.hexdigest()
-
-
 def _quantize(kind: str, variant: dict, source: Path, target: Path, calibration: dict | None,
               reduce_range: bool, exclude: list[str]) -> None:
     import onnx
@@ -154,25 +121,11 @@ def _quantize(kind: str, variant: dict, source: Path, target: Path, calibration:
     else:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
-        quantize_static(source, target, _Reader(calibration), quant_format=QuantFormat.QDQ,
+        quantize_static(source, target, CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=variant["per_channel"], reduce_range=reduce_range,
                         activation_type=types[variant["activation_type"]], weight_type=types[variant["weight_type"]],
                         calibrate_method=methods[variant["calibration"]["method"]], nodes_to_exclude=exclude,
                         extra_options=extra)
-
-
-def _finish(raw: Path, target: Path, level: str) -> None:
-    """ONNX Runtime's offline optimization at the recipe's level, as for FP32: it turns QDQ pairs into integer
-    kernels, so the published model runs as validated with online optimization off."""
-    import onnxruntime as ort
-
-    from stages import onnx_runtime
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, onnx_runtime.LEVELS[level])
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
 
 
 def _float_outputs(graph) -> list[str]:
@@ -185,8 +138,6 @@ def _float_outputs(graph) -> list[str]:
 
 def _judge(path: Path, feeds, reference: dict, labels, gates: dict) -> tuple[list[dict], dict]:
     """The variant's parity verdicts against the original framework's outputs (no latency here)."""
-    from stages import onnx_runtime
-
     sess = onnx_runtime.session(path)
     names = [o.name for o in sess.get_outputs()]
     found, metrics = gate.judge_parity(dict(zip(names, onnx_runtime.run(sess, feeds))), reference, labels, gates)
@@ -247,73 +198,83 @@ def noisiest_nodes(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray]) ->
     return sorted(ranked, key=lambda r: (-r["added_noise"], r["node"]))
 
 
+def _fallback(fallback: dict, quantizable: list[str], build, judge, rank, found: list[dict],
+              measured: dict) -> tuple[list[str], list[dict], list[dict], str | None]:
+    """The accuracy-aware fallback loop: while a gate fails, keep the noisiest nodes not yet tried in float
+    (`build(excluded)` quantizes and finishes, `judge()` gives the verdicts, `rank()` the nodes by added noise),
+    keeping a round only when it helps. Returns (excluded, verdicts, rounds, why it stopped)."""
+    budget = int(fallback["max_excluded_fraction"] * len(quantizable))
+    excluded: list[str] = []
+    tried: set[str] = set()
+    rounds: list[dict] = []
+    stopped = None
+    while any(not v["passed"] for v in found):
+        if not fallback["enabled"]:
+            stopped = "fallback disabled"
+            break
+        if len(rounds) >= fallback["max_rounds"]:
+            stopped = f"budget used: max_rounds {fallback['max_rounds']}"
+            break
+        room = budget - len(excluded)
+        if room <= 0:
+            stopped = f"budget used: max_excluded_fraction {fallback['max_excluded_fraction']} ({budget} of {len(quantizable)} nodes)"
+            break
+        ranked = [r for r in rank() if r["node"] not in excluded]
+        ranked = [r for r in ranked if r["node"] not in tried]
+        if not ranked:
+            stopped = "no quantized node left whose float fallback helps"
+            break
+        chosen = ranked[: min(fallback["nodes_per_round"], room)]
+        tried.update(r["node"] for r in chosen)
+        trial = excluded + [r["node"] for r in chosen]
+        build(trial)
+        trial_found, trial_measured = judge()
+        helped = _score(trial_found, trial_measured) > _score(found, measured)
+        rounds.append({"excluded": chosen, "after": trial_measured, "kept": helped,
+                       "passed": all(v["passed"] for v in trial_found)})
+        if helped:
+            excluded, found, measured = trial, trial_found, trial_measured
+        else:  # keeping these in float did not help: quantize them again and try the next ones
+            build(excluded)
+    return excluded, found, rounds, stopped
+
+
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import onnx
 
     variant, gates = config["variant"], config["gates"]
     kind = variant["kind"]
-    source = inputs["onnx"] / "quantizable.onnx"
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    labels_file = inputs["data"] / "labels.npz"
-    labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
-    reference = load_arrays(inputs["metrics"] / "reference.npz")
+    source = artifacts.quantizable(inputs["onnx"])
+    feeds = artifacts.inputs(inputs["data"])
+    labels = artifacts.labels(inputs["data"])
+    reference = artifacts.reference(inputs["metrics"])
     reduce_range, reduce_reason = _reduce_range(variant["reduce_range"])
     calibration, calibration_sha = (None, None)
     if kind == "int8-static":
-        calibration, calibration_sha = _calibration(feeds, variant["calibration"])
+        calibration, calibration_sha = draw_samples(feeds, variant["calibration"])
 
     graph = onnx.load(str(source), load_external_data=False).graph
     quantizable = [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
     kept_float = _float_outputs(graph) if kind == "int8-static" else []
-    budget = int(variant["fallback"]["max_excluded_fraction"] * len(quantizable))
     raw = out.parent / "quantized-raw.onnx"  # outside out/: node names as in the source, for the fallback
-    target = out / "model.onnx"
-    excluded: list[str] = []
-    tried: set[str] = set()
-    rounds: list[dict] = []
-    stopped = None
+    target = artifacts.onnx_model(out)
     probe = {k: v[:SQNR_SAMPLES] for k, v in feeds.items()}
-    try:
+
+    def build(excluded: list[str]) -> None:
         _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
-        _finish(raw, target, config["level"])
-        found, measured = _judge(target, feeds, reference, labels, gates)
-        first = measured
-        while any(not v["passed"] for v in found):
-            fallback = variant["fallback"]
-            if not fallback["enabled"]:
-                stopped = "fallback disabled"
-                break
-            if len(rounds) >= fallback["max_rounds"]:
-                stopped = f"budget used: max_rounds {fallback['max_rounds']}"
-                break
-            room = budget - len(excluded)
-            if room <= 0:
-                stopped = f"budget used: max_excluded_fraction {fallback['max_excluded_fraction']} ({budget} of {len(quantizable)} nodes)"
-                break
-            ranked = [r for r in noisiest_nodes(source, raw, probe) if r["node"] not in excluded]
-            ranked = [r for r in ranked if r["node"] not in tried]
-            if not ranked:
-                stopped = "no quantized node left whose float fallback helps"
-                break
-            chosen = ranked[: min(fallback["nodes_per_round"], room)]
-            tried.update(r["node"] for r in chosen)
-            trial = excluded + [r["node"] for r in chosen]
-            _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + trial)
-            _finish(raw, target, config["level"])
-            trial_found, trial_measured = _judge(target, feeds, reference, labels, gates)
-            helped = _score(trial_found, trial_measured) > _score(found, measured)
-            rounds.append({"excluded": chosen, "after": trial_measured, "kept": helped,
-                           "passed": all(v["passed"] for v in trial_found)})
-            if helped:
-                excluded, found, measured = trial, trial_found, trial_measured
-            else:  # keeping these in float did not help: quantize them again and try the next ones
-                _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
-                _finish(raw, target, config["level"])
+        onnx_runtime.optimize_offline(raw, target, config["level"])
+
+    try:
+        build([])
+        found, first = _judge(target, feeds, reference, labels, gates)
+        excluded, found, rounds, stopped = _fallback(
+            variant["fallback"], quantizable, build, lambda: _judge(target, feeds, reference, labels, gates),
+            lambda: noisiest_nodes(source, raw, probe), found, first)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer's failure is this model's, named as such
         raise ModelError(f"variants.{variant['name']}: {kind} quantization failed: {type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+                         f"{first_line(exc, 200)}") from None
 
     record = {
         "variant": variant["name"],
@@ -328,9 +289,9 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "fallback": {"rounds": rounds, "excluded": excluded, "stopped": stopped},
         "passes_parity": all(v["passed"] for v in found),
         "bytes": target.stat().st_size,
-        "fp32_bytes": (inputs["onnx"] / "model.onnx").stat().st_size,
+        "fp32_bytes": artifacts.onnx_model(inputs["onnx"]).stat().st_size,
     }
-    (out / "quantize.json").write_text(json.dumps(record, indent=2))
+    artifacts.write_quantize_record(out, record)
     return {k: record[k] for k in ("variant", "kind", "reduce_range", "passes_parity", "bytes")} | {
         "excluded_nodes": excluded, "rounds": len(rounds)}
 

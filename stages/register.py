@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.errors import SourceError
+from pipeline.errors import SourceError, first_line
 from pipeline.hashing import sha256_file
 from pipeline.schema import StageConfig, Strict
 from stages import artifacts
@@ -102,11 +102,11 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     from mlflow.models import infer_signature
 
     bundle = inputs["bundle"]
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = artifacts.manifest(bundle)
     settings = config["write_back"]
     tracking_uri = context["tracking_uri"]
     target = settings["model_name"] or f"{manifest['source']['name']}-onnx"
-    bundle_sha = sha256_file(bundle / "manifest.json")  # the manifest holds every file's sha256
+    bundle_sha = sha256_file(artifacts.manifest_file(bundle))  # the manifest holds every file's sha256
     tags = lineage_tags(manifest, bundle_sha)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
@@ -123,14 +123,14 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             client.transition_model_version_stage(target, version.version, settings["stage"])
     except MlflowException as exc:
         raise SourceError(
-            f"publish.write_back: registry {tracking_uri} refused or unreachable ({str(exc).splitlines()[0][:200]}); "
+            f"publish.write_back: registry {tracking_uri} refused or unreachable ({first_line(exc, 200)}); "
             "no alias was moved; the next run completes the write-back"
         ) from None
     except OSError as exc:
         raise SourceError(f"publish.write_back: registry {tracking_uri} unreachable ({exc}); no alias was moved") from None
     record = {"model": target, "version": str(version.version), "alias": settings["alias"], "run_id": run_id,
               "uri": f"models:/{target}/{version.version}", "bundle_sha256": bundle_sha}
-    (out / "registered.json").write_text(json.dumps(record, indent=2))
+    artifacts.write_registered(out, record)
     return record
 
 
@@ -167,7 +167,7 @@ def _log(client, mlflow, tracking_uri, settings, manifest, bundle, tags, target,
             if (bundle / name).exists():
                 mlflow.log_artifact(str(bundle / name), artifact_path="kiln")
         info = mlflow.onnx.log_model(
-            onnx.load(str(bundle / "model.onnx")),
+            onnx.load(str(artifacts.onnx_model(bundle))),
             name="model",
             signature=infer_signature(samples, outputs) if samples and outputs else None,
             input_example=samples or None,

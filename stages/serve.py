@@ -7,9 +7,7 @@ would be broken (config inconsistent with the ONNX graph) is refused with a one-
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
 from typing import Any
 
 from pydantic import model_validator
@@ -17,7 +15,6 @@ from pydantic import model_validator
 from pipeline.schema import StageConfig
 from stages import artifacts, targets
 from stages.gate import LatencyGates
-from stages.tensors import ModelSpec, load_arrays
 
 VERSION = 3
 SAMPLES = 4
@@ -46,24 +43,24 @@ def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    spec = ModelSpec.load(inputs["data"] / "spec.json")
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    expected = load_arrays(inputs["metrics"] / "candidate.npz")
-    reference = load_arrays(inputs["metrics"] / "reference.npz")
+    spec = artifacts.spec(inputs["data"])
+    feeds = artifacts.inputs(inputs["data"])
+    expected = artifacts.candidate(inputs["metrics"])
+    reference = artifacts.reference(inputs["metrics"])
     if spec.batch_axis_named:
         feeds = {k: v[:SAMPLES] for k, v in feeds.items()}
         expected = {k: v[:SAMPLES] for k, v in expected.items()}
         reference = {k: v[:SAMPLES] for k, v in reference.items()}
     ctx = targets.TargetContext(
         name=config["model_name"],
-        source=json.loads((inputs["model"] / "source.json").read_text()),
-        model_dir=inputs["model"] / "model",
-        onnx=inputs["onnx"] / "model.onnx",
+        source=artifacts.source(inputs["model"]),
+        model_dir=artifacts.model_dir(inputs["model"]),
+        onnx=artifacts.onnx_model(inputs["onnx"]),
         spec=spec,
         samples=feeds,
         expected=expected,
         reference=reference,
-        metrics=json.loads((inputs["metrics"] / "metrics.json").read_text()),
+        metrics=artifacts.metrics(inputs["metrics"]),
         latency_gates=config["latency_gates"],
         source_options=config["source_options"],
         bundle_dest=Path(config["bundle_dest"]),
@@ -71,7 +68,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     module = targets.target(config["target"])
     skipped = module.skip_reason(ctx)
     if skipped:
-        (out / "SKIPPED").write_text(skipped + "\n")
+        artifacts.write_skipped(out, skipped)
         return {"target": config["target"], "skipped": skipped}
     summary = module.build(ctx, config["config"], out)
     return {"target": config["target"], "skipped": None, **summary}

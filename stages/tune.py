@@ -24,19 +24,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from pipeline import hardware
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
 from stages import artifacts, gate, latency, machine, onnx_runtime, optimize, quantize
 from stages.frameworks.pytorch import Exporter
-from stages.tensors import ModelSpec, batch_of, chunked_outputs, load_arrays
+from stages.tensors import ModelSpec, batch_of, chunked_outputs
 
 VERSION = 4
 Objective = Literal["p50", "p95", "throughput"]
@@ -197,7 +196,7 @@ class _Search:
                                                           "iterations")}
             row.update(latency=per_batch, objective=objective(per_batch, self.config["objective"]))
         except Exception as exc:  # noqa: BLE001 - a setting the provider rejects is a result, not a crash
-            row.update(latency=None, objective=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            row.update(latency=None, objective=None, error=f"{type(exc).__name__}: {first_line(exc, 200)}")
         self.trials.append(row)
         return row
 
@@ -251,30 +250,24 @@ def pareto(rows: list[dict]) -> list[str]:
     return front
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    started = time.perf_counter()
-    target, profile = config["target"], config["profile"]
-    here = machine.describe()
-    record: dict = {"target": target, "provider": profile["provider"], "machine": here,
-                    "objective": config["objective"], "batch_sizes": config["batch_sizes"]}
-    reason = machine.unavailable_reason(profile["provider"], here)
-    if reason:
-        if config["publish"]:
-            raise ModelError(f"tune.publish: target {target!r} cannot be tuned on this machine: {reason}")
-        record["skipped"] = reason
-        (out / "tune.json").write_text(json.dumps(record, indent=2))
-        return {"target": target, "skipped": reason}
+def _judge_candidate(path: Path, settings: dict, spec: ModelSpec, feeds: dict[str, np.ndarray], reference: dict,
+                     labels, gates: dict) -> dict:
+    """One candidate run under the target's first settings and judged against the original's outputs."""
+    try:
+        runner = onnx_runtime.Runner(path, settings)
+        names = [o.name for o in runner.session(feeds).get_outputs()]
+        outputs = dict(zip(names, chunked_outputs(runner.run, spec, feeds)))
+        found, metrics = gate.judge_parity(outputs, reference, labels, gates)
+        failed = [v for v in found if not v["passed"]]
+        return {"error": _error(metrics), "passed": not failed, "reason": failed[0]["message"] if failed else None}
+    except Exception as exc:  # noqa: BLE001 - a candidate this provider cannot run is out of the race
+        return {"passed": False, "reason": f"does not run: {type(exc).__name__}: {first_line(exc, 200)}"}
 
-    spec = ModelSpec.load(inputs["data"] / "spec.json")
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    labels_file = inputs["data"] / "labels.npz"
-    labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
-    reference = load_arrays(inputs["reference"] / "reference.npz")
-    cores = here["cores"]
-    first = {knob: values[0] for knob, values in _knobs(profile, cores)}
-    engine_cache = out.parent / "trt-cache"  # beside out/: engines are not part of the result
 
-    # 1. parity under this target's provider
+def _parity(config: dict, inputs: dict[str, Path], context: dict, settings_for, first: dict, spec: ModelSpec,
+            feeds: dict[str, np.ndarray], reference: dict, labels) -> tuple[list[dict], dict[str, Path]]:
+    """1. Parity under this target's provider: a table row for every candidate (failing ones with their reason,
+    out of the race) and the model file of every candidate that was built."""
     rows, paths = [], {}
     for cid, what in config["candidates"].items():
         row = {"candidate": cid, **{k: what[k] for k in ("exporter", "precision", "variant")},
@@ -283,65 +276,79 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             row.update(passed=False, reason=f"not built: {context.get('missing', {}).get(f'cand.{cid}', '?')}")
             rows.append(row)
             continue
-        path = inputs[f"cand.{cid}"] / "model.onnx"
+        path = artifacts.onnx_model(inputs[f"cand.{cid}"])
         paths[cid] = path
         row["bytes"] = path.stat().st_size
-        try:
-            runner = onnx_runtime.Runner(path, _settings(profile, first, engine_cache))
-            names = [o.name for o in runner.session(feeds).get_outputs()]
-            outputs = dict(zip(names, chunked_outputs(runner.run, spec, feeds)))
-            found, metrics = gate.judge_parity(outputs, reference, labels, what["gates"])
-            failed = [v for v in found if not v["passed"]]
-            row.update(error=_error(metrics), passed=not failed, reason=failed[0]["message"] if failed else None)
-        except Exception as exc:  # noqa: BLE001 - a candidate this provider cannot run is out of the race
-            row.update(passed=False, reason=f"does not run: {type(exc).__name__}: "
-                                                       f"{str(exc).splitlines()[0][:200]}")
+        row.update(_judge_candidate(path, settings_for(first), spec, feeds, reference, labels, what["gates"]))
         rows.append(row)
-    passing = [r for r in rows if r["passed"]]
-    if not passing:
-        reasons = "; ".join(f"{r['candidate']}: {r['reason']}" for r in rows[:3])
-        raise ModelError(f"tune.{target}: no candidate passes the parity gates ({reasons})")
+    return rows, paths
 
+
+def _screen(search: _Search, passing: list[dict], paths: dict[str, Path], settings_for, first: dict,
+            target: str) -> list[dict]:
+    """2. Each passing candidate timed with the target's first settings; the timed trials, fastest first."""
+    for row in passing:
+        if search.exhausted():
+            row["screened"] = False
+            continue
+        search.trial(row["candidate"], paths[row["candidate"]], settings_for(first), "screen")
+    screened = sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"])
+    if not screened:
+        raise ModelError(f"tune.{target}: no candidate could be timed ({search.trials[0].get('error')})")
+    return screened
+
+
+def _search_knobs(search: _Search, best: dict, path: Path, knobs: list[tuple[str, list]], first: dict,
+                  settings_for) -> None:
+    """3. One setting at a time from the first settings, keeping a change when it lowers the objective by more
+    than MARGIN; the best trial found is marked with its choice."""
+    choice, current = dict(first), best
+    for knob, values in knobs:
+        for value in values:
+            if value == choice[knob] or search.exhausted():
+                continue
+            trial = search.trial(best["candidate"], path, settings_for({**choice, knob: value}), f"{knob}={value}")
+            if trial["objective"] is not None and trial["objective"] < current["objective"] * (1 - MARGIN):
+                choice, current = {**choice, knob: value}, trial
+    current["choice"] = choice
+
+
+def _finalists(trials: list[dict]) -> list[dict]:
+    """4. The FINALISTS best distinct (candidate, settings) configurations."""
+    seen, finalists = set(), []
+    for t in sorted((t for t in trials if t["objective"] is not None), key=lambda t: t["objective"]):
+        key = (t["candidate"], json.dumps(t["settings"], sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            finalists.append(t)
+        if len(finalists) == FINALISTS:
+            break
+    return finalists
+
+
+def _race(config: dict, passing: list[dict], paths: dict[str, Path], spec: ModelSpec, feeds: dict[str, np.ndarray],
+          knobs: list[tuple[str, list]], first: dict, settings_for) -> tuple[_Search, dict, tuple[float, float]]:
+    """Screening, search and final with this step alone on the machine; the search, the winning trial and the
+    load average before and after."""
     with latency.exclusive():  # the budget's clock starts once this step has the machine to itself
-        # 2. screening with the target's first settings, 3. one-knob-at-a-time search on the best
         load_before = os.getloadavg()[0]
         search = _Search(config, spec, feeds, time.perf_counter())
-        for row in passing:
-            if search.exhausted():
-                row["screened"] = False
-                continue
-            search.trial(row["candidate"], paths[row["candidate"]], _settings(profile, first, engine_cache), "screen")
-        screened = sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"])
-        if not screened:
-            raise ModelError(f"tune.{target}: no candidate could be timed ({search.trials[0].get('error')})")
+        screened = _screen(search, passing, paths, settings_for, first, config["target"])
         for best in screened[: config["budget"]["top_candidates"]]:
-            choice, current = dict(first), best
-            for knob, values in _knobs(profile, cores):
-                for value in values:
-                    if value == choice[knob] or search.exhausted():
-                        continue
-                    trial = search.trial(best["candidate"], paths[best["candidate"]],
-                                         _settings(profile, {**choice, knob: value}, engine_cache), f"{knob}={value}")
-                    if trial["objective"] is not None and trial["objective"] < current["objective"] * (1 - MARGIN):
-                        choice, current = {**choice, knob: value}, trial
-            current["choice"] = choice
-
+            _search_knobs(search, best, paths[best["candidate"]], knobs, first, settings_for)
         # 4. the best distinct configurations, timed again side by side
-        seen, finalists = set(), []
-        for t in sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: t["objective"]):
-            key = (t["candidate"], json.dumps(t["settings"], sort_keys=True))
-            if key not in seen:
-                seen.add(key)
-                finalists.append(t)
-            if len(finalists) == FINALISTS:
-                break
+        finalists = _finalists(search.trials)
         search.final(finalists, paths)
         winner = min(finalists, key=lambda t: t["final_objective"])
         load_after = os.getloadavg()[0]
+    return search, winner, (load_before, load_after)
 
-    # Each candidate's best measurement: the final, longer one where it reached the final, else its best trial.
+
+def _table(rows: list[dict], trials: list[dict], winner: dict) -> None:
+    """Each candidate's best measurement (the final, longer one where it reached the final, else its best trial),
+    whether it is on the Pareto front, and which one won, written into its row."""
     by_candidate: dict[str, dict] = {}
-    for t in sorted((t for t in search.trials if t["objective"] is not None), key=lambda t: "final" not in t):
+    for t in sorted((t for t in trials if t["objective"] is not None), key=lambda t: "final" not in t):
         score = t.get("final_objective", t["objective"])
         best = by_candidate.get(t["candidate"])
         if best is None or (best["final"] == ("final" in t) and score < best["objective"]):
@@ -356,13 +363,53 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         row["pareto"] = row["candidate"] in front
         row["winner"] = row["candidate"] == winner["candidate"]
 
-    chosen = next(r for r in rows if r["winner"])
-    settings = winner["settings"]
+
+def _save_winner(path: Path, settings: dict, out: Path) -> dict:
+    """The winner's model with its online optimization baked in (unless it ran with none), and the session
+    settings that load it as measured; returns those settings."""
     if settings["session_options"]["graph_optimization_level"] == onnx_runtime.LEVELS["disabled"]:
-        shutil.copyfile(paths[winner["candidate"]], out / "model.onnx")
+        shutil.copyfile(path, artifacts.onnx_model(out))
     else:
-        settings = onnx_runtime.bake(paths[winner["candidate"]], settings, out / "model.onnx")
-    (out / "session_config.json").write_text(json.dumps(settings, indent=2))
+        settings = onnx_runtime.bake(path, settings, artifacts.onnx_model(out))
+    artifacts.write_session_config(out, settings)
+    return settings
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    started = time.perf_counter()
+    target, profile = config["target"], config["profile"]
+    here = machine.describe()
+    record: dict = {"target": target, "provider": profile["provider"], "machine": here,
+                    "objective": config["objective"], "batch_sizes": config["batch_sizes"]}
+    reason = machine.unavailable_reason(profile["provider"], here)
+    if reason:
+        if config["publish"]:
+            raise ModelError(f"tune.publish: target {target!r} cannot be tuned on this machine: {reason}")
+        record["skipped"] = reason
+        artifacts.write_tune_record(out, record)
+        return {"target": target, "skipped": reason}
+
+    spec = artifacts.spec(inputs["data"])
+    feeds = artifacts.inputs(inputs["data"])
+    labels = artifacts.labels(inputs["data"])
+    reference = artifacts.reference(inputs["reference"])
+    cores = here["cores"]
+    first = {knob: values[0] for knob, values in _knobs(profile, cores)}
+    engine_cache = out.parent / "trt-cache"  # beside out/: engines are not part of the result
+
+    def settings_for(choice: dict) -> dict:
+        return _settings(profile, choice, engine_cache)
+
+    rows, paths = _parity(config, inputs, context, settings_for, first, spec, feeds, reference, labels)
+    passing = [r for r in rows if r["passed"]]
+    if not passing:
+        reasons = "; ".join(f"{r['candidate']}: {r['reason']}" for r in rows[:3])
+        raise ModelError(f"tune.{target}: no candidate passes the parity gates ({reasons})")
+    search, winner, (load_before, load_after) = _race(config, passing, paths, spec, feeds, _knobs(profile, cores),
+                                                      first, settings_for)
+    _table(rows, search.trials, winner)
+    chosen = next(r for r in rows if r["winner"])
+    settings = _save_winner(paths[winner["candidate"]], winner["settings"], out)
     record.update({
         "candidates": rows,
         "trials": search.trials,
@@ -378,7 +425,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "load_average": {"before": round(load_before, 2), "after": round(load_after, 2),
                          "busy": max(load_before, load_after) > 1.5 * cores},
     })
-    (out / "tune.json").write_text(json.dumps(record, indent=2))
+    artifacts.write_tune_record(out, record)
     return {"target": target, "skipped": None, "winner": winner["candidate"],
             "objective_ms": round(winner["final_objective"], 4), "trials": len(search.trials),
             "candidates": len(rows), "passing": len(passing)}

@@ -6,7 +6,6 @@ a threshold does not re-measure."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -18,8 +17,7 @@ from pipeline.errors import ModelError
 from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
 from stages import artifacts, frameworks, latency, localize, machine, parity
-from stages.tensors import (CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, load_arrays, resize_axes,
-                            save_arrays)
+from stages.tensors import CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, resize_axes
 
 VERSION = 8
 
@@ -78,65 +76,46 @@ def _localization_rows(spec: ModelSpec, reference: np.ndarray, candidate: np.nda
     return np.array([start, *sorted(ranked[: count - 1])])
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    from stages import onnx_runtime
+def _shape_sweep(framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], runner,
+                 names: list[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Parity at other sizes of every dynamic axis, and the outputs compared ('<trial>/reference/<output>',
+    '<trial>/candidate/<output>') for the gate's tolerance checks."""
+    sweep, arrays = [], {}
+    for index, sizes in enumerate(_sweep_sizes(spec, feeds)):
+        trial = resize_axes(spec, feeds, sizes)
+        ref = framework.predict(model, spec, trial)
+        cand = runner.run(trial)
+        sweep.append({"sizes": sizes, "outputs": {n: parity.compare(r, c) for n, r, c in zip(names, ref, cand)}})
+        arrays.update({f"{index}/reference/{n}": r for n, r in zip(names, ref)})
+        arrays.update({f"{index}/candidate/{n}": c for n, c in zip(names, cand)})
+    return sweep, arrays
 
-    settings = config["latency"]
-    threads = settings["threads"] or os.cpu_count() or 1
-    source = json.loads((inputs["model"] / "source.json").read_text())
-    flavor = source["flavor"]
-    frameworks.framework(flavor).set_threads(threads)  # before loading: TensorFlow fixes its pools at start
-    framework, model = frameworks.load_source(source, inputs["model"] / "model", config["source_options"])
-    spec = ModelSpec.load(inputs["data"] / "spec.json")
-    feeds = load_arrays(inputs["data"] / "inputs.npz")
-    labels_file = inputs["data"] / "labels.npz"
-    labels = load_arrays(labels_file)["labels"] if labels_file.exists() else None
 
-    # The tuned settings when a tune step chose them, else the defaults; recorded, and published as is.
-    session = (json.loads((inputs["session"] / "session_config.json").read_text()) if "session" in inputs
-               else onnx_runtime.default_settings(threads))
-    runner = onnx_runtime.Runner(inputs["onnx"] / "model.onnx", session)
-    names = [o.name for o in runner.session(feeds).get_outputs()]
+def _task(labels: np.ndarray, names: list[str], reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
+    """Top-1 accuracy and macro F1 of both models on the labelled samples (first output)."""
+    task = {
+        "metric": "top1_accuracy",
+        "output": names[0],
+        "samples": int(labels.shape[0]),
+        "reference": parity.accuracy(reference[0], labels),
+        "candidate": parity.accuracy(candidate[0], labels),
+        "reference_f1": parity.macro_f1(reference[0], labels),
+        "candidate_f1": parity.macro_f1(candidate[0], labels),
+    }
+    task["drop"] = task["reference"] - task["candidate"]
+    return task
 
-    reference = chunked_outputs(lambda f: framework.predict(model, spec, f), spec, feeds)
-    candidate = chunked_outputs(runner.run, spec, feeds)
-    if len(reference) != len(candidate):
-        raise ModelError(f"the ONNX model has {len(candidate)} outputs, the original model returns {len(reference)}")
-    save_arrays(out / "reference.npz", dict(zip(names, reference)))
-    save_arrays(out / "candidate.npz", dict(zip(names, candidate)))
-    outputs = {name: parity.compare(r, c) for name, r, c in zip(names, reference, candidate)}
 
-    sweep, sweep_arrays = [], {}
-    if config["shape_sweep"]:
-        for index, sizes in enumerate(_sweep_sizes(spec, feeds)):
-            trial = resize_axes(spec, feeds, sizes)
-            ref = framework.predict(model, spec, trial)
-            cand = runner.run(trial)
-            sweep.append({"sizes": sizes, "outputs": {n: parity.compare(r, c) for n, r, c in zip(names, ref, cand)}})
-            sweep_arrays.update({f"{index}/reference/{n}": r for n, r in zip(names, ref)})
-            sweep_arrays.update({f"{index}/candidate/{n}": c for n, c in zip(names, cand)})
-    save_arrays(out / "sweep.npz", sweep_arrays)
+def _localization(settings: dict, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray],
+                  reference: list[np.ndarray], candidate: list[np.ndarray], exported: Path) -> dict:
+    """The layer-by-layer comparison against the exported graph, on the samples that differ most."""
+    subset = {k: v[_localization_rows(spec, reference[0], candidate[0], settings["samples"])]
+              for k, v in feeds.items()} if spec.batch_axis_named else feeds
+    return localize.localize(framework, model, spec, subset, exported, settings["tolerance"])
 
-    task = None
-    if labels is not None:
-        task = {
-            "metric": "top1_accuracy",
-            "output": names[0],
-            "samples": int(labels.shape[0]),
-            "reference": parity.accuracy(reference[0], labels),
-            "candidate": parity.accuracy(candidate[0], labels),
-            "reference_f1": parity.macro_f1(reference[0], labels),
-            "candidate_f1": parity.macro_f1(candidate[0], labels),
-        }
-        task["drop"] = task["reference"] - task["candidate"]
 
-    localization = None
-    if config["localize"]["enabled"]:
-        subset = {k: v[_localization_rows(spec, reference[0], candidate[0], config["localize"]["samples"])]
-                  for k, v in feeds.items()} if spec.batch_axis_named else feeds
-        localization = localize.localize(framework, model, spec, subset, inputs["exported"] / "model.onnx",
-                                         config["localize"]["tolerance"])
-
+def _latency(settings: dict, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], runner) -> dict:
+    """Latency of the original and the ONNX model at each batch size, with this step alone on the machine."""
     timings = {}
     with latency.exclusive():
         for batch in settings["batch_sizes"]:
@@ -155,6 +134,42 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             )
             measured["speedup_p50"] = measured["original"]["p50_ms"] / measured["onnxruntime"]["p50_ms"]
             timings[str(batch)] = measured
+    return timings
+
+
+def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    from stages import onnx_runtime
+
+    settings = config["latency"]
+    threads = settings["threads"] or os.cpu_count() or 1
+    source = artifacts.source(inputs["model"])
+    flavor = source["flavor"]
+    frameworks.framework(flavor).set_threads(threads)  # before loading: TensorFlow fixes its pools at start
+    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config["source_options"])
+    spec = artifacts.spec(inputs["data"])
+    feeds = artifacts.inputs(inputs["data"])
+    labels = artifacts.labels(inputs["data"])
+
+    # The tuned settings when a tune step chose them, else the defaults; recorded, and published as is.
+    session = (artifacts.session_config(inputs["session"]) if "session" in inputs
+               else onnx_runtime.default_settings(threads))
+    runner = onnx_runtime.Runner(artifacts.onnx_model(inputs["onnx"]), session)
+    names = [o.name for o in runner.session(feeds).get_outputs()]
+
+    reference = chunked_outputs(lambda f: framework.predict(model, spec, f), spec, feeds)
+    candidate = chunked_outputs(runner.run, spec, feeds)
+    if len(reference) != len(candidate):
+        raise ModelError(f"the ONNX model has {len(candidate)} outputs, the original model returns {len(reference)}")
+    artifacts.write_outputs(out, dict(zip(names, reference)), dict(zip(names, candidate)))
+    outputs = {name: parity.compare(r, c) for name, r, c in zip(names, reference, candidate)}
+
+    sweep, sweep_arrays = ([], {}) if not config["shape_sweep"] else _shape_sweep(framework, model, spec, feeds,
+                                                                                    runner, names)
+    artifacts.write_sweep(out, sweep_arrays)
+    task = _task(labels, names, reference, candidate) if labels is not None else None
+    localization = (_localization(config["localize"], framework, model, spec, feeds, reference, candidate,
+                                  artifacts.onnx_model(inputs["exported"])) if config["localize"]["enabled"] else None)
+    timings = _latency(settings, framework, model, spec, feeds, runner)
 
     metrics = {
         "framework": flavor,
@@ -168,7 +183,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "localization": localization,
         "latency": timings,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    artifacts.write_metrics(out, metrics)
     first = (localization or {}).get("first_divergent")
     return {
         "parity": {n: {k: o.get(k) for k in ("max_abs_error", "cosine")} for n, o in outputs.items()},

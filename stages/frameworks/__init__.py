@@ -60,12 +60,9 @@ def load_source(source: dict, model_dir: Path, options: dict):
 
 def flavor_of(inputs: dict[str, Path]) -> str | None:
     """The source flavor fetch recorded, for steps that read the model (None before fetch has run)."""
-    import json
+    from stages import artifacts
 
-    try:
-        return json.loads((inputs["model"] / "source.json").read_text())["flavor"]
-    except (OSError, KeyError, ValueError):
-        return None
+    return artifacts.flavor(inputs["model"]) if "model" in inputs else None
 
 
 def rename_tensor(graph, old: str, new: str) -> None:

@@ -8,14 +8,12 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
-
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.schema import Strict
 from stages.frameworks import rename_tensor
 from stages.tensors import ModelSpec
@@ -140,7 +138,7 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
                 external_data=False,
             )
     except Exception as exc:  # noqa: BLE001 - an export failure is the model's (or the recipe's) problem
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc, empty=type(exc).__name__)
         raise ModelError(
             f"export.exporter {exporter}: torch.onnx.export failed: {type(exc).__name__}: {first} "
             f"(try export.exporter: {'torchscript' if exporter == 'dynamo' else 'dynamo'})"

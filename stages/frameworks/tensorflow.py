@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from stages.frameworks import rename_tensor
 from stages.tensors import ModelSpec
 
@@ -83,7 +83,7 @@ def load(model_dir: Path, options: dict | None = None) -> TFModel:
     try:
         loaded = tf.saved_model.load(str(path), tags=["serve"])
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"SavedModel {path.name}/: tf.saved_model.load failed: {str(exc).splitlines()[0][:200]}") from None
+        raise ModelError(f"SavedModel {path.name}/: tf.saved_model.load failed: {first_line(exc, 200)}") from None
     signatures = list(loaded.signatures.keys())
     if signature not in signatures:
         raise ModelError(f"source.signature: '{signature}' is not in the SavedModel (it has: {', '.join(signatures) or 'none'})")
@@ -106,8 +106,8 @@ def _call(model: TFModel, spec: ModelSpec, tensors):
         keras_model = model.model
         names = [t.name for t in spec.inputs]
         model.fn = tf.function(
-            lambda *args: keras_model(_keras_inputs(names, args), training=False),
-            input_signature=_tensor_specs(spec),
+            lambda *args: keras_model(keras_inputs(names, args), training=False),
+            input_signature=tensor_specs(spec),
         )
     return model.fn(*tensors)
 
@@ -121,7 +121,7 @@ def _ordered(model: TFModel, spec: ModelSpec, result) -> list[np.ndarray]:
     return [np.asarray(result)]
 
 
-def _keras_inputs(names: list[str], tensors):
+def keras_inputs(names: list[str], tensors):
     """One tensor, or a dict by input name: Keras matches dicts to its Input layers by name, lists by position."""
     return tensors[0] if len(tensors) == 1 else dict(zip(names, tensors))
 
@@ -135,7 +135,7 @@ def runner(model: TFModel, spec: ModelSpec, feeds: dict[str, np.ndarray]):
     return lambda: _call(model, spec, tensors)
 
 
-def _tensor_specs(spec: ModelSpec):
+def tensor_specs(spec: ModelSpec):
     import tensorflow as tf
 
     return [
@@ -151,9 +151,9 @@ def export_onnx(model: TFModel, spec: ModelSpec, feeds, output_names: list[str],
         import tf2onnx
 
         try:
-            proto, _ = tf2onnx.convert.from_keras(model.model, input_signature=_tensor_specs(spec), opset=opset)
+            proto, _ = tf2onnx.convert.from_keras(model.model, input_signature=tensor_specs(spec), opset=opset)
         except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"export: tf2onnx could not convert the Keras model: {_first(exc)}") from None
+            raise ModelError(f"export: tf2onnx could not convert the Keras model: {type(exc).__name__}: {first_line(exc, 250)}") from None
         onnx.save(proto, str(path))
     else:
         command = [
@@ -201,10 +201,6 @@ def _unsupported_ops(proto) -> list[str]:
     return sorted(found)
 
 
-def _first(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:250]}"
-
-
 def _last_error(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in reversed(lines):
@@ -226,6 +222,6 @@ def layer_outputs(model: TFModel, spec: ModelSpec, feeds: dict[str, np.ndarray])
         return []
     probe = keras.Model(model.model.inputs, [layer.output for layer in layers])
     tensors = _tensors(spec, feeds)
-    outputs = probe(_keras_inputs([t.name for t in spec.inputs], tensors), training=False)
+    outputs = probe(keras_inputs([t.name for t in spec.inputs], tensors), training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     return [(layer.name, type(layer).__name__, np.asarray(out)) for layer, out in zip(layers, outputs)]

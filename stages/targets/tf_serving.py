@@ -113,7 +113,7 @@ def _export_keras(ctx: TargetContext, target: Path) -> str:
 
     loaded = tf_framework.load(ctx.model_dir, ctx.source_options)
     model, names = loaded.model, list(ctx.expected)
-    specs = tf_framework._tensor_specs(ctx.spec)
+    specs = tf_framework.tensor_specs(ctx.spec)
     input_names = [t.name for t in ctx.spec.inputs]
 
     class Serving(tf.Module):
@@ -123,7 +123,7 @@ def _export_keras(ctx: TargetContext, target: Path) -> str:
 
         @tf.function(input_signature=specs)
         def serve(self, *args):
-            result = self.model(tf_framework._keras_inputs(input_names, args), training=False)
+            result = self.model(tf_framework.keras_inputs(input_names, args), training=False)
             result = result if isinstance(result, (list, tuple)) else [result]
             return dict(zip(names, result))
 

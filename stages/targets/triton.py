@@ -214,6 +214,30 @@ def _warmup(ctx: TargetContext, inputs: list[dict], batched: bool, max_batch: in
     return ["model_warmup [", ",\n".join(entries), "]"], len(entries)
 
 
+def _optimization_block(config: dict) -> list[str]:
+    """The optimization block: graph level off (the model is optimized offline) and the execution accelerator."""
+    lines = [
+        "optimization {",
+        "  # 2 = ORT_DISABLE_ALL: the model is already optimized offline; this is the level it was validated at.",
+        "  graph { level: 2 }",
+    ]
+    accelerator = config.get("accelerator")
+    if accelerator == "tensorrt":
+        lines += [
+            "  execution_accelerators {",
+            "    gpu_execution_accelerator [",
+            "      {",
+            '        name: "tensorrt"',
+            f'        parameters {{ key: "precision_mode" value: "{config.get("precision_mode") or "FP32"}" }}',
+            "      }",
+            "    ]",
+            "  }",
+        ]
+    elif accelerator == "openvino":
+        lines += ["  execution_accelerators {", '    cpu_execution_accelerator [ { name: "openvino" } ]', "  }"]
+    return lines + ["}"]
+
+
 def render_config(ctx: TargetContext, config: dict, inputs: list[dict], outputs: list[dict], model_dir: Path) -> tuple[str, dict]:
     max_batch = config["max_batch_size"]
     batched = max_batch > 0
@@ -243,25 +267,8 @@ def render_config(ctx: TargetContext, config: dict, inputs: list[dict], outputs:
         f"    count: {config['instance_count']}",
         "  }",
         "]",
-        "optimization {",
-        "  # 2 = ORT_DISABLE_ALL: the model is already optimized offline; this is the level it was validated at.",
-        "  graph { level: 2 }",
+        *_optimization_block(config),
     ]
-    accelerator = config.get("accelerator")
-    if accelerator == "tensorrt":
-        lines += [
-            "  execution_accelerators {",
-            "    gpu_execution_accelerator [",
-            "      {",
-            '        name: "tensorrt"',
-            f'        parameters {{ key: "precision_mode" value: "{config.get("precision_mode") or "FP32"}" }}',
-            "      }",
-            "    ]",
-            "  }",
-        ]
-    elif accelerator == "openvino":
-        lines += ["  execution_accelerators {", '    cpu_execution_accelerator [ { name: "openvino" } ]', "  }"]
-    lines += ["}"]
     parameters = {
         # The session settings validate measured with (session_config.json in the bundle).
         "intra_op_thread_count": str(session["intra_op_num_threads"]),
@@ -280,7 +287,7 @@ def render_config(ctx: TargetContext, config: dict, inputs: list[dict], outputs:
         "max_queue_delay_us": delay,
         "max_queue_delay_basis": delay_basis,
         "instance_group": {"kind": kind, "count": config["instance_count"]},
-        "accelerator": accelerator,
+        "accelerator": config.get("accelerator"),
         "parameters": parameters,
         "warmup_samples": warmups,
     }
