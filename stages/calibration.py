@@ -27,12 +27,11 @@ class CalibrationReader:
         self.position = 0
 
 
-def draw_samples(feeds: dict[str, np.ndarray], settings: dict) -> tuple[dict[str, np.ndarray], str]:
-    """`settings["samples"]` rows of the feeds, chosen with `settings["seed"]` and kept in order, and the sha256
-    of what was chosen."""
+def draw_samples(feeds: dict[str, np.ndarray], samples: int, seed: int) -> tuple[dict[str, np.ndarray], str]:
+    """`samples` rows of the feeds, chosen with `seed` and kept in order, and the sha256 of what was chosen."""
     count = next(iter(feeds.values())).shape[0]
-    rng = np.random.default_rng(settings["seed"])
-    rows = np.sort(rng.choice(count, size=min(settings["samples"], count), replace=False))
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(count, size=min(samples, count), replace=False))
     chosen = {k: np.ascontiguousarray(v[rows]) for k, v in feeds.items()}
     digest = hashlib.sha256()
     for name in sorted(chosen):

@@ -69,13 +69,13 @@ def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["numpy"] + (["mlflow"] if config.data.source in ("input_example", "run_artifact") else [])
 
 
-def _spec(config: dict, source: dict) -> ModelSpec:
-    outputs = config.get("outputs")
+def _spec(config: Config, source: dict) -> ModelSpec:
+    outputs = config.outputs
     signature = source["signature"]
     if not outputs and signature.get("outputs") and all(o.get("name") for o in signature["outputs"]):
         outputs = [o["name"] for o in signature["outputs"]]
-    if config.get("inputs"):
-        return ModelSpec([TensorSpec(t["name"], t["dtype"], t["shape"]) for t in config["inputs"]], outputs)
+    if config.inputs:
+        return ModelSpec([TensorSpec(t.name, t.dtype, t.shape) for t in config.inputs], outputs)
     declared = signature.get("inputs")
     if not declared or not all(t.get("name") for t in declared):
         raise ModelError(
@@ -89,9 +89,9 @@ def _spec(config: dict, source: dict) -> ModelSpec:
     return ModelSpec(tensors, outputs)
 
 
-def _synthetic(spec: ModelSpec, config: dict, declared: dict[str, dict]) -> dict[str, np.ndarray]:
-    data = config["data"]
-    rng = np.random.default_rng(data["seed"])
+def _synthetic(spec: ModelSpec, config: Config, declared: dict[str, TensorDecl]) -> dict[str, np.ndarray]:
+    data = config.data
+    rng = np.random.default_rng(data.seed)
     arrays = {}
     for i, tensor in enumerate(spec.inputs):
         shape = []
@@ -99,14 +99,15 @@ def _synthetic(spec: ModelSpec, config: dict, declared: dict[str, dict]) -> dict
             if isinstance(dim, int):
                 shape.append(dim)
             elif axis == 0:
-                shape.append(data["samples"])
-            elif dim in data["axes"]:
-                shape.append(data["axes"][dim])
+                shape.append(data.samples)
+            elif dim in data.axes:
+                shape.append(data.axes[dim])
             else:
                 raise ModelError(
                     f"validation.data.axes.{dim}: size needed to draw synthetic '{tensor.name}' (axis {axis} is dynamic)"
                 )
-        low, high = declared.get(tensor.name, {}).get("low"), declared.get(tensor.name, {}).get("high")
+        decl = declared.get(tensor.name)
+        low, high = (decl.low, decl.high) if decl else (None, None)
         dtype = np.dtype(tensor.dtype)
         if dtype.kind in "iu":
             array = rng.integers(int(low if low is not None else 0), int(high if high is not None else 2), size=shape)
@@ -133,20 +134,20 @@ def _from_input_example(model_dir: Path, spec: ModelSpec, source: dict) -> dict[
     raise ModelError(f"{source['uri']}: the input example is one array but the model has {len(spec.inputs)} inputs")
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     source = artifacts.source(inputs["model"])
     spec = _spec(config, source)
-    data = config["data"]
+    data = config.data
     labels = None
-    if data["source"] == "synthetic":
-        declared = {t["name"]: t for t in (config.get("inputs") or [])}
+    if data.source == "synthetic":
+        declared = {t.name: t for t in (config.inputs or [])}
         arrays = _synthetic(spec, config, declared)
         origin = "synthetic data"
-    elif data["source"] == "input_example":
+    elif data.source == "input_example":
         arrays = _from_input_example(artifacts.model_dir(inputs["model"]), spec, source)
         origin = f"input example of {source['uri']}"
     else:
-        if data["source"] == "npz":
+        if data.source == "npz":
             path = Path(context["npz"])
         else:
             import mlflow.artifacts
@@ -155,34 +156,34 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                 path = Path(
                     mlflow.artifacts.download_artifacts(
                         run_id=source["run_id"],
-                        artifact_path=data["path"],
+                        artifact_path=data.path,
                         dst_path=str(out.parent / "download"),
                         tracking_uri=context["tracking_uri"],
                     )
                 )
             except Exception as exc:  # noqa: BLE001
                 raise ModelError(
-                    f"validation.data.path: '{data['path']}' not found in run {source['run_id']} ({type(exc).__name__})"
+                    f"validation.data.path: '{data.path}' not found in run {source['run_id']} ({type(exc).__name__})"
                 ) from None
-        origin = f"validation.data.path {data['path'] or path}"
+        origin = f"validation.data.path {path if data.source == 'npz' else data.path}"
         try:
             arrays = load_arrays(path)
         except (OSError, ValueError) as exc:
             raise ModelError(f"{origin}: not a readable .npz file ({exc})") from None
-        if data["labels"]:
-            if data["labels"] not in arrays:
-                raise ModelError(f"validation.data.labels: no array '{data['labels']}' in {path.name}")
-            labels = arrays[data["labels"]]
+        if data.labels:
+            if data.labels not in arrays:
+                raise ModelError(f"validation.data.labels: no array '{data.labels}' in {path.name}")
+            labels = arrays[data.labels]
         arrays = {t.name: arrays[t.name] for t in spec.inputs if t.name in arrays} or arrays
         if spec.batch_axis_named:
-            arrays = {k: v[: data["samples"]] for k, v in arrays.items()}
-            labels = labels[: data["samples"]] if labels is not None else None
+            arrays = {k: v[: data.samples] for k, v in arrays.items()}
+            labels = labels[: data.samples] if labels is not None else None
     shutil.rmtree(out.parent / "download", ignore_errors=True)  # read into memory; keep only what we write
     check_feeds(spec, arrays, origin)
     arrays = {t.name: arrays[t.name].astype(np.dtype(t.dtype), copy=False) for t in spec.inputs}
     artifacts.write_samples(out, spec, arrays, labels)
     return {
-        "source": data["source"],
+        "source": data.source,
         "samples": int(next(iter(arrays.values())).shape[0]) if arrays else 0,
         "shapes": {k: list(v.shape) for k, v in arrays.items()},
         "labels": labels is not None,
@@ -200,6 +201,6 @@ def plan(graph) -> None:
         npz = graph.resolve(recipe.validation.data.path or "")
         if not npz.is_file():
             raise RecipeError(f"recipe {graph.recipe_path}: validation.data.path: no such file {npz}")
-        config["data"]["path"] = None  # the file's content is keyed, not where it lies
+        config["data"]["path"] = npz.name  # the file's content is keyed (files), not where it lies
         files["npz"] = context["npz"] = str(npz)
     graph.add("data", config, {"model": "fetch"}, files=files, context=context)

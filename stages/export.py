@@ -127,12 +127,12 @@ def _prove_dynamic_axes(framework, model, spec: ModelSpec, feeds: dict[str, np.n
     return checked, observed
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import onnx
 
     source = artifacts.source(inputs["model"])
     flavor = source["flavor"]
-    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config["source_options"])
+    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config.source_options)
     spec = artifacts.spec(inputs["data"])
     feeds = artifacts.inputs(inputs["data"])
     reference = framework.predict(model, spec, feeds)
@@ -143,7 +143,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         )
 
     path = artifacts.onnx_model(out)
-    done = framework.export_onnx(model, spec, feeds, output_names, config["exporter"], config["opset"], path)
+    done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
 
     try:
         onnx.checker.check_model(str(path), full_check=True)

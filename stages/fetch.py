@@ -64,13 +64,13 @@ def _tensor_specs(schema_json: str | None) -> list[dict] | None:
     ]
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import mlflow
     import mlflow.artifacts
 
-    source = config["source"]
+    source = config.source
     tracking_uri = context["tracking_uri"]
-    name, version = source["name"], source["version"]
+    name, version = source.name, source.version
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         download_uri = client.get_model_version_download_uri(name, version)
@@ -111,7 +111,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "uri": f"models:/{name}/{version}",
         "name": name,
         "version": version,
-        "run_id": source.get("run_id"),
+        "run_id": source.run_id,
         "flavor": flavor,
         "flavors": sorted(flavors),
         "framework_version": flavors[flavor].get(f"{flavor}_version") or flavors[flavor].get("keras_version"),

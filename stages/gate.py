@@ -220,13 +220,13 @@ def judge_parity(candidate: dict, reference: dict, labels, gates: dict) -> tuple
     return verdicts({"parity": gates, "latency": {}}, metrics, reference, candidate), metrics
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     metrics = artifacts.metrics(inputs["metrics"])
     reference = artifacts.reference(inputs["metrics"])
     candidate = artifacts.candidate(inputs["metrics"])
     sweep = artifacts.sweep(inputs["metrics"])
     baseline = json.loads(Path(context["baseline"]).read_text()) if context.get("baseline") else None
-    gates = config["gates"]
+    gates = config.gates.model_dump(mode="json")  # judged as data: the tuned winner's gates come from tune.json
     if "tuned" in inputs:  # the tuned winner is held to the parity gates of the precision it won with
         gates = {**gates, "parity": artifacts.tune_record(inputs["tuned"])["winner"]["gates"]}
     found = verdicts(gates, metrics, reference, candidate, sweep, baseline)
@@ -238,7 +238,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     artifacts.write_verdicts(out, result)
     verdict = {"passed": not failed, "reason": reason}
     # A variant the recipe does not publish is judged and reported, but does not stop the build.
-    blocking = config.get("blocking", True)
+    blocking = config.blocking
     return {
         "verdict": verdict if blocking else None,
         "advisory": None if blocking else verdict,

@@ -312,22 +312,24 @@ def run_passes(source: Path, passes: list[dict], calibration: dict, work: Path, 
     return {"model": produced, "passes": checked, "steps": steps}
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    variant = config["variant"]
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+    variant = config.variant
     source = artifacts.quantizable(inputs["onnx"])  # the same input the other precision variants take
-    calibration, calibration_sha = draw_samples(artifacts.inputs(inputs["data"]), variant["calibration"])
+    calibration, calibration_sha = draw_samples(artifacts.inputs(inputs["data"]), variant.calibration.samples,
+                                                 variant.calibration.seed)
     with tempfile.TemporaryDirectory(prefix="olive-", dir=out.parent) as folder:
-        result = run_passes(source, variant["passes"], calibration, Path(folder), f"variants.{variant['name']}")
-        onnx_runtime.optimize_offline(result["model"], artifacts.onnx_model(out), config["level"])
-        finish = {"ort_offline_level": config["level"], **_graph_change(result["model"], artifacts.onnx_model(out))}
+        result = run_passes(source, [p.model_dump() for p in variant.passes or []], calibration, Path(folder),
+                            f"variants.{variant.name}")
+        onnx_runtime.optimize_offline(result["model"], artifacts.onnx_model(out), config.level)
+        finish = {"ort_offline_level": config.level, **_graph_change(result["model"], artifacts.onnx_model(out))}
     # Seconds go to the step summary, not the record: the output stays byte-identical for the same inputs.
     seconds = {f"passes[{s['index']}]": s.pop("seconds") for s in result["steps"]}
     passes = result["passes"]
     record = {
-        "variant": variant["name"],
+        "variant": variant.name,
         "olive_version": version_of(DISTRIBUTION),
         "source": "optimize/quantizable.onnx",
-        "calibration": {"samples": variant["calibration"]["samples"], "seed": variant["calibration"]["seed"],
+        "calibration": {"samples": variant.calibration.samples, "seed": variant.calibration.seed,
                         "sha256": calibration_sha, "data_config": CALIBRATION},
         "passes": result["steps"],
         "finish": finish,
@@ -335,7 +337,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     (out / "olive.json").write_text(json.dumps(record, indent=2, default=str))
     uses_data = any("data_config" in s["resolved_config"] for s in result["steps"])
     artifacts.write_quantize_record(out, {
-        "variant": variant["name"],
+        "variant": variant.name,
         "kind": "olive",
         "passes": [p["type"] for p in passes],
         "olive_version": record["olive_version"],
@@ -346,7 +348,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         "fp32_bytes": artifacts.onnx_model(inputs["onnx"]).stat().st_size,
         "record": "olive.json",
     })
-    return {"variant": variant["name"], "kind": "olive", "olive": record["olive_version"],
+    return {"variant": variant.name, "kind": "olive", "olive": record["olive_version"],
             "passes": [p["type"] for p in passes], "pass_seconds": seconds,
             "bytes": artifacts.onnx_model(out).stat().st_size}
 

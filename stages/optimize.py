@@ -51,14 +51,14 @@ def _ops(path: Path) -> Counter:
     return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     from stages import onnx_runtime
 
     source = artifacts.onnx_model(inputs["onnx"])
     before = _ops(source)
     fusions: dict[str, int] = {}
     current = source
-    transformer = config.get("transformer")
+    transformer = config.transformer
     if transformer:
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -68,22 +68,22 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
             with contextlib.redirect_stdout(log):
                 fused = optimize_model(
                     str(source),
-                    model_type=transformer["model_type"],
-                    num_heads=transformer["num_heads"],
-                    hidden_size=transformer["hidden_size"],
+                    model_type=transformer.model_type,
+                    num_heads=transformer.num_heads,
+                    hidden_size=transformer.hidden_size,
                     opt_level=0,  # graph-level optimization happens below, once, at the recipe's level
                     use_gpu=False,
                 )
         except Exception as exc:  # noqa: BLE001
             raise ModelError(
-                f"optimize.transformer: onnxruntime fusion for model_type {transformer['model_type']} failed: {exc}"
+                f"optimize.transformer: onnxruntime fusion for model_type {transformer.model_type} failed: {exc}"
             ) from None
         fusions = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
         current = out / "fused.onnx"
         fused.save_model_to_file(str(current))
 
     target = artifacts.onnx_model(out)
-    onnx_runtime.optimize_offline(current, target, config["level"])
+    onnx_runtime.optimize_offline(current, target, config.level)
     # Precision variants start from a graph with only portable (basic) optimizations: the extended level's
     # fused CPU kernels (FusedConv, FusedGemm, ...) are not quantizable.
     onnx_runtime.optimize_offline(current, artifacts.quantizable(out), "basic")
@@ -91,8 +91,8 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         current.unlink()
     after = _ops(target)
     return {
-        "level": config["level"],
-        "transformer": transformer["model_type"] if transformer else None,
+        "level": config.level,
+        "transformer": transformer.model_type if transformer else None,
         "fusions": fusions,
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),

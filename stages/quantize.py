@@ -101,7 +101,7 @@ def _reduce_range(setting) -> tuple[bool, str]:
     return bool(setting), "recipe"
 
 
-def _quantize(kind: str, variant: dict, source: Path, target: Path, calibration: dict | None,
+def _quantize(kind: str, variant: QuantizeVariant, source: Path, target: Path, calibration: dict | None,
               reduce_range: bool, exclude: list[str]) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -112,19 +112,19 @@ def _quantize(kind: str, variant: dict, source: Path, target: Path, calibration:
     if kind == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=variant["keep_io_types"],
-                                         op_block_list=variant["op_block_list"] or None, node_block_list=exclude or None)
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=variant.keep_io_types,
+                                         op_block_list=variant.op_block_list or None, node_block_list=exclude or None)
         onnx.save(model, str(target))
     elif kind == "int8-dynamic":
-        quantize_dynamic(source, target, per_channel=variant["per_channel"], reduce_range=reduce_range,
-                         weight_type=types[variant["weight_type"]], nodes_to_exclude=exclude, extra_options=extra)
+        quantize_dynamic(source, target, per_channel=variant.per_channel, reduce_range=reduce_range,
+                         weight_type=types[variant.weight_type], nodes_to_exclude=exclude, extra_options=extra)
     else:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
         quantize_static(source, target, CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=variant["per_channel"], reduce_range=reduce_range,
-                        activation_type=types[variant["activation_type"]], weight_type=types[variant["weight_type"]],
-                        calibrate_method=methods[variant["calibration"]["method"]], nodes_to_exclude=exclude,
+                        per_channel=variant.per_channel, reduce_range=reduce_range,
+                        activation_type=types[variant.activation_type], weight_type=types[variant.weight_type],
+                        calibrate_method=methods[variant.calibration.method], nodes_to_exclude=exclude,
                         extra_options=extra)
 
 
@@ -198,33 +198,33 @@ def noisiest_nodes(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray]) ->
     return sorted(ranked, key=lambda r: (-r["added_noise"], r["node"]))
 
 
-def _fallback(fallback: dict, quantizable: list[str], build, judge, rank, found: list[dict],
+def _fallback(fallback: Fallback, quantizable: list[str], build, judge, rank, found: list[dict],
               measured: dict) -> tuple[list[str], list[dict], list[dict], str | None]:
     """The accuracy-aware fallback loop: while a gate fails, keep the noisiest nodes not yet tried in float
     (`build(excluded)` quantizes and finishes, `judge()` gives the verdicts, `rank()` the nodes by added noise),
     keeping a round only when it helps. Returns (excluded, verdicts, rounds, why it stopped)."""
-    budget = int(fallback["max_excluded_fraction"] * len(quantizable))
+    budget = int(fallback.max_excluded_fraction * len(quantizable))
     excluded: list[str] = []
     tried: set[str] = set()
     rounds: list[dict] = []
     stopped = None
     while any(not v["passed"] for v in found):
-        if not fallback["enabled"]:
+        if not fallback.enabled:
             stopped = "fallback disabled"
             break
-        if len(rounds) >= fallback["max_rounds"]:
-            stopped = f"budget used: max_rounds {fallback['max_rounds']}"
+        if len(rounds) >= fallback.max_rounds:
+            stopped = f"budget used: max_rounds {fallback.max_rounds}"
             break
         room = budget - len(excluded)
         if room <= 0:
-            stopped = f"budget used: max_excluded_fraction {fallback['max_excluded_fraction']} ({budget} of {len(quantizable)} nodes)"
+            stopped = f"budget used: max_excluded_fraction {fallback.max_excluded_fraction} ({budget} of {len(quantizable)} nodes)"
             break
         ranked = [r for r in rank() if r["node"] not in excluded]
         ranked = [r for r in ranked if r["node"] not in tried]
         if not ranked:
             stopped = "no quantized node left whose float fallback helps"
             break
-        chosen = ranked[: min(fallback["nodes_per_round"], room)]
+        chosen = ranked[: min(fallback.nodes_per_round, room)]
         tried.update(r["node"] for r in chosen)
         trial = excluded + [r["node"] for r in chosen]
         build(trial)
@@ -239,19 +239,19 @@ def _fallback(fallback: dict, quantizable: list[str], build, judge, rank, found:
     return excluded, found, rounds, stopped
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import onnx
 
-    variant, gates = config["variant"], config["gates"]
-    kind = variant["kind"]
+    variant, gates = config.variant, config.gates.model_dump(mode="json")
+    kind = variant.kind
     source = artifacts.quantizable(inputs["onnx"])
     feeds = artifacts.inputs(inputs["data"])
     labels = artifacts.labels(inputs["data"])
     reference = artifacts.reference(inputs["metrics"])
-    reduce_range, reduce_reason = _reduce_range(variant["reduce_range"])
+    reduce_range, reduce_reason = _reduce_range(variant.reduce_range) if kind != "fp16" else (False, None)
     calibration, calibration_sha = (None, None)
     if kind == "int8-static":
-        calibration, calibration_sha = draw_samples(feeds, variant["calibration"])
+        calibration, calibration_sha = draw_samples(feeds, variant.calibration.samples, variant.calibration.seed)
 
     graph = onnx.load(str(source), load_external_data=False).graph
     quantizable = [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
@@ -262,27 +262,28 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
 
     def build(excluded: list[str]) -> None:
         _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
-        onnx_runtime.optimize_offline(raw, target, config["level"])
+        onnx_runtime.optimize_offline(raw, target, config.level)
 
     try:
         build([])
         found, first = _judge(target, feeds, reference, labels, gates)
         excluded, found, rounds, stopped = _fallback(
-            variant["fallback"], quantizable, build, lambda: _judge(target, feeds, reference, labels, gates),
+            variant.fallback, quantizable, build, lambda: _judge(target, feeds, reference, labels, gates),
             lambda: noisiest_nodes(source, raw, probe), found, first)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer's failure is this model's, named as such
-        raise ModelError(f"variants.{variant['name']}: {kind} quantization failed: {type(exc).__name__}: "
+        raise ModelError(f"variants.{variant.name}: {kind} quantization failed: {type(exc).__name__}: "
                          f"{first_line(exc, 200)}") from None
 
     record = {
-        "variant": variant["name"],
+        "variant": variant.name,
         "kind": kind,
-        "per_channel": variant["per_channel"],
+        "per_channel": getattr(variant, "per_channel", None),
         "reduce_range": reduce_range if kind != "fp16" else None,
         "reduce_range_reason": reduce_reason if kind != "fp16" else None,
-        "calibration": {**variant["calibration"], "sha256": calibration_sha} if calibration_sha else None,
+        "calibration": {**variant.calibration.model_dump(mode="json"), "sha256": calibration_sha}
+        if calibration_sha else None,
         "quantizable_nodes": len(quantizable),
         "before_fallback": first,
         "kept_float": kept_float,

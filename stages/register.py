@@ -94,7 +94,7 @@ def _existing(client, name: str, bundle_sha: str):
     return found[0] if found else None
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import mlflow
     import mlflow.onnx
     import onnx
@@ -103,9 +103,9 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
 
     bundle = inputs["bundle"]
     manifest = artifacts.manifest(bundle)
-    settings = config["write_back"]
+    settings = config.write_back
     tracking_uri = context["tracking_uri"]
-    target = settings["model_name"] or f"{manifest['source']['name']}-onnx"
+    target = settings.model_name or f"{manifest['source']['name']}-onnx"
     bundle_sha = sha256_file(artifacts.manifest_file(bundle))  # the manifest holds every file's sha256
     tags = lineage_tags(manifest, bundle_sha)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -117,10 +117,10 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                                      onnx, infer_signature)
             # register_model, not create_model_version: a tracking server wants the logged model's id with it.
             version = mlflow.register_model(model_uri, target, tags=tags)
-        if settings["alias"]:
-            client.set_registered_model_alias(target, settings["alias"], version.version)
-        if settings["stage"]:
-            client.transition_model_version_stage(target, version.version, settings["stage"])
+        if settings.alias:
+            client.set_registered_model_alias(target, settings.alias, version.version)
+        if settings.stage:
+            client.transition_model_version_stage(target, version.version, settings.stage)
     except MlflowException as exc:
         raise SourceError(
             f"publish.write_back: registry {tracking_uri} refused or unreachable ({first_line(exc, 200)}); "
@@ -128,7 +128,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         ) from None
     except OSError as exc:
         raise SourceError(f"publish.write_back: registry {tracking_uri} unreachable ({exc}); no alias was moved") from None
-    record = {"model": target, "version": str(version.version), "alias": settings["alias"], "run_id": run_id,
+    record = {"model": target, "version": str(version.version), "alias": settings.alias, "run_id": run_id,
               "uri": f"models:/{target}/{version.version}", "bundle_sha256": bundle_sha}
     artifacts.write_registered(out, record)
     return record
@@ -148,8 +148,8 @@ def _has_model(client, name: str) -> bool:
 
 def _log(client, mlflow, tracking_uri, settings, manifest, bundle, tags, target, onnx, infer_signature):
     """A write-back run holding the ONNX model (onnx flavor), metrics and reports; returns (run id, model URI)."""
-    experiment = client.get_experiment_by_name(settings["experiment"])
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(settings["experiment"])
+    experiment = client.get_experiment_by_name(settings.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(settings.experiment)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     samples = {}

@@ -42,7 +42,7 @@ def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return targets.target(config.target).tools(config, inputs)
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     spec = artifacts.spec(inputs["data"])
     feeds = artifacts.inputs(inputs["data"])
     expected = artifacts.candidate(inputs["metrics"])
@@ -52,7 +52,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         expected = {k: v[:SAMPLES] for k, v in expected.items()}
         reference = {k: v[:SAMPLES] for k, v in reference.items()}
     ctx = targets.TargetContext(
-        name=config["model_name"],
+        name=config.model_name,
         source=artifacts.source(inputs["model"]),
         model_dir=artifacts.model_dir(inputs["model"]),
         onnx=artifacts.onnx_model(inputs["onnx"]),
@@ -61,17 +61,17 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
         expected=expected,
         reference=reference,
         metrics=artifacts.metrics(inputs["metrics"]),
-        latency_gates=config["latency_gates"],
-        source_options=config["source_options"],
-        bundle_dest=Path(config["bundle_dest"]),
+        latency_gates=config.latency_gates.model_dump(mode="json"),
+        source_options=config.source_options,
+        bundle_dest=Path(config.bundle_dest),
     )
-    module = targets.target(config["target"])
+    module = targets.target(config.target)
     skipped = module.skip_reason(ctx)
     if skipped:
         artifacts.write_skipped(out, skipped)
-        return {"target": config["target"], "skipped": skipped}
-    summary = module.build(ctx, config["config"], out)
-    return {"target": config["target"], "skipped": None, **summary}
+        return {"target": config.target, "skipped": skipped}
+    summary = module.build(ctx, config.config, out)  # the target's section, checked against its Config
+    return {"target": config.target, "skipped": None, **summary}
 
 
 def plan(graph) -> None:

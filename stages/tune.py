@@ -140,8 +140,8 @@ def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["numpy", "onnx", onnxruntime_distribution()]
 
 
-def _threads(profile: dict, cores: int) -> list[int]:
-    return profile["threads"] or sorted({cores, max(1, cores // 2)}, reverse=True)
+def _threads(profile: hardware.TargetProfile, cores: int) -> list[int]:
+    return profile.threads or sorted({cores, max(1, cores // 2)}, reverse=True)
 
 
 def _error(metrics: dict) -> dict:
@@ -162,22 +162,22 @@ def objective(per_batch: dict[str, dict], kind: str) -> float:
 
 
 class _Search:
-    def __init__(self, config: dict, spec: ModelSpec, feeds: dict[str, np.ndarray], started: float):
+    def __init__(self, config: Config, spec: ModelSpec, feeds: dict[str, np.ndarray], started: float):
         self.config, self.spec, self.feeds, self.started = config, spec, feeds, started
-        self.budget, self.measure = config["budget"], config["measure"]
+        self.budget, self.measure = config.budget, config.measure
         self.trials: list[dict] = []
         self.stopped: str | None = None
 
     def exhausted(self) -> bool:
-        if len(self.trials) >= self.budget["max_trials"]:
-            self.stopped = f"max_trials {self.budget['max_trials']} reached"
-        elif time.perf_counter() - self.started > self.budget["time_budget_s"]:
-            self.stopped = f"time_budget_s {self.budget['time_budget_s']} used"
+        if len(self.trials) >= self.budget.max_trials:
+            self.stopped = f"max_trials {self.budget.max_trials} reached"
+        elif time.perf_counter() - self.started > self.budget.time_budget_s:
+            self.stopped = f"time_budget_s {self.budget.time_budget_s} used"
         return self.stopped is not None
 
     def _calls(self, path: Path, settings: dict) -> dict[str, object]:
         runner = onnx_runtime.Runner(path, settings)
-        return {str(b): runner.call(batch_of(self.spec, self.feeds, b)) for b in self.config["batch_sizes"]}
+        return {str(b): runner.call(batch_of(self.spec, self.feeds, b)) for b in self.config.batch_sizes}
 
     def trial(self, candidate: str, path: Path, settings: dict, label: str) -> dict:
         """Time one (artifact, settings) pair at every batch size; runs sized to the trial's time."""
@@ -189,12 +189,12 @@ class _Search:
                 begin = time.perf_counter()
                 call()
                 once = max(time.perf_counter() - begin, 1e-6)
-                iterations = int(min(self.measure["iterations"], max(5, self.measure["trial_seconds"] / once)))
-                timed = latency.measure({"c": call}, batch=int(batch), warmup=self.measure["warmup"],
+                iterations = int(min(self.measure.iterations, max(5, self.measure.trial_seconds / once)))
+                timed = latency.measure({"c": call}, batch=int(batch), warmup=self.measure.warmup,
                                         iterations=iterations, rounds=1)["c"]
                 per_batch[batch] = {k: timed[k] for k in ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s",
                                                           "iterations")}
-            row.update(latency=per_batch, objective=objective(per_batch, self.config["objective"]))
+            row.update(latency=per_batch, objective=objective(per_batch, self.config.objective))
         except Exception as exc:  # noqa: BLE001 - a setting the provider rejects is a result, not a crash
             row.update(latency=None, objective=None, error=f"{type(exc).__name__}: {first_line(exc, 200)}")
         self.trials.append(row)
@@ -205,37 +205,37 @@ class _Search:
         runners = [onnx_runtime.Runner(paths[t["candidate"]], t["settings"]) for t in finalists]
         for t in finalists:
             t["final"] = {}
-        for batch in self.config["batch_sizes"]:
+        for batch in self.config.batch_sizes:
             feeds = batch_of(self.spec, self.feeds, batch)
             calls = {str(i): r.call(feeds) for i, r in enumerate(runners)}
             slowest = max(t["latency"][str(batch)]["p50_ms"] for t in finalists) / 1000
-            iterations = int(min(self.measure["final_iterations"],
-                                 max(10, self.measure["final_seconds"] / (slowest * len(finalists)))))
-            measured = latency.measure(calls, batch=batch, warmup=self.measure["warmup"], iterations=iterations,
+            iterations = int(min(self.measure.final_iterations,
+                                 max(10, self.measure.final_seconds / (slowest * len(finalists)))))
+            measured = latency.measure(calls, batch=batch, warmup=self.measure.warmup, iterations=iterations,
                                        rounds=5)
             for i, t in enumerate(finalists):
                 t["final"][str(batch)] = {k: measured[str(i)][k] for k in
                                           ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s", "iterations")}
         for t in finalists:
-            t["final_objective"] = objective(t["final"], self.config["objective"])
+            t["final_objective"] = objective(t["final"], self.config.objective)
 
 
-def _knobs(profile: dict, cores: int) -> list[tuple[str, list]]:
+def _knobs(profile: hardware.TargetProfile, cores: int) -> list[tuple[str, list]]:
     return [
-        ("provider_options", list(range(len(profile["provider_options"])))),
+        ("provider_options", list(range(len(profile.provider_options)))),
         ("threads", _threads(profile, cores)),
-        ("execution_mode", profile["execution_modes"]),
-        ("graph_level", profile["graph_levels"]),
-        ("io_binding", profile["io_binding"]),
+        ("execution_mode", profile.execution_modes),
+        ("graph_level", profile.graph_levels),
+        ("io_binding", profile.io_binding),
     ]
 
 
-def _settings(profile: dict, choice: dict, engine_cache: Path) -> dict:
-    options = dict(profile["provider_options"][choice["provider_options"]])
+def _settings(profile: hardware.TargetProfile, choice: dict, engine_cache: Path) -> dict:
+    options = dict(profile.provider_options[choice["provider_options"]])
     if options.get("trt_engine_cache_enable") == "1":
         options.setdefault("trt_engine_cache_path", str(engine_cache))
-    return onnx_runtime.settings(profile["provider"], options, choice["threads"], choice["execution_mode"],
-                                 choice["graph_level"], choice["io_binding"], profile["fixed_shapes"])
+    return onnx_runtime.settings(profile.provider, options, choice["threads"], choice["execution_mode"],
+                                 choice["graph_level"], choice["io_binding"], profile.fixed_shapes)
 
 
 def pareto(rows: list[dict]) -> list[str]:
@@ -264,14 +264,14 @@ def _judge_candidate(path: Path, settings: dict, spec: ModelSpec, feeds: dict[st
         return {"passed": False, "reason": f"does not run: {type(exc).__name__}: {first_line(exc, 200)}"}
 
 
-def _parity(config: dict, inputs: dict[str, Path], context: dict, settings_for, first: dict, spec: ModelSpec,
+def _parity(config: Config, inputs: dict[str, Path], context: dict, settings_for, first: dict, spec: ModelSpec,
             feeds: dict[str, np.ndarray], reference: dict, labels) -> tuple[list[dict], dict[str, Path]]:
     """1. Parity under this target's provider: a table row for every candidate (failing ones with their reason,
     out of the race) and the model file of every candidate that was built."""
     rows, paths = [], {}
-    for cid, what in config["candidates"].items():
-        row = {"candidate": cid, **{k: what[k] for k in ("exporter", "precision", "variant")},
-               "fusion": what["fusion"], "bytes": None, "error": None}
+    for cid, what in config.candidates.items():
+        row = {"candidate": cid, **{k: getattr(what, k) for k in ("exporter", "precision", "variant")},
+               "fusion": what.fusion.model_dump(mode="json"), "bytes": None, "error": None}
         if f"cand.{cid}" not in inputs:  # its build failed (e.g. an exporter that cannot take this model)
             row.update(passed=False, reason=f"not built: {context.get('missing', {}).get(f'cand.{cid}', '?')}")
             rows.append(row)
@@ -279,7 +279,7 @@ def _parity(config: dict, inputs: dict[str, Path], context: dict, settings_for, 
         path = artifacts.onnx_model(inputs[f"cand.{cid}"])
         paths[cid] = path
         row["bytes"] = path.stat().st_size
-        row.update(_judge_candidate(path, settings_for(first), spec, feeds, reference, labels, what["gates"]))
+        row.update(_judge_candidate(path, settings_for(first), spec, feeds, reference, labels, what.gates.model_dump(mode="json")))
         rows.append(row)
     return rows, paths
 
@@ -326,15 +326,15 @@ def _finalists(trials: list[dict]) -> list[dict]:
     return finalists
 
 
-def _race(config: dict, passing: list[dict], paths: dict[str, Path], spec: ModelSpec, feeds: dict[str, np.ndarray],
+def _race(config: Config, passing: list[dict], paths: dict[str, Path], spec: ModelSpec, feeds: dict[str, np.ndarray],
           knobs: list[tuple[str, list]], first: dict, settings_for) -> tuple[_Search, dict, tuple[float, float]]:
     """Screening, search and final with this step alone on the machine; the search, the winning trial and the
     load average before and after."""
     with latency.exclusive():  # the budget's clock starts once this step has the machine to itself
         load_before = os.getloadavg()[0]
         search = _Search(config, spec, feeds, time.perf_counter())
-        screened = _screen(search, passing, paths, settings_for, first, config["target"])
-        for best in screened[: config["budget"]["top_candidates"]]:
+        screened = _screen(search, passing, paths, settings_for, first, config.target)
+        for best in screened[: config.budget.top_candidates]:
             _search_knobs(search, best, paths[best["candidate"]], knobs, first, settings_for)
         # 4. the best distinct configurations, timed again side by side
         finalists = _finalists(search.trials)
@@ -375,15 +375,15 @@ def _save_winner(path: Path, settings: dict, out: Path) -> dict:
     return settings
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     started = time.perf_counter()
-    target, profile = config["target"], config["profile"]
+    target, profile = config.target, config.profile
     here = machine.describe()
-    record: dict = {"target": target, "provider": profile["provider"], "machine": here,
-                    "objective": config["objective"], "batch_sizes": config["batch_sizes"]}
-    reason = machine.unavailable_reason(profile["provider"], here)
+    record: dict = {"target": target, "provider": profile.provider, "machine": here,
+                    "objective": config.objective, "batch_sizes": config.batch_sizes}
+    reason = machine.unavailable_reason(profile.provider, here)
     if reason:
-        if config["publish"]:
+        if config.publish:
             raise ModelError(f"tune.publish: target {target!r} cannot be tuned on this machine: {reason}")
         record["skipped"] = reason
         artifacts.write_tune_record(out, record)
@@ -417,7 +417,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
                    "latency": winner["final"],
                    "objective": winner["final_objective"], "variant": chosen["variant"],
                    "precision": chosen["precision"], "exporter": chosen["exporter"],
-                   "gates": config["candidates"][winner["candidate"]]["gates"]},
+                   "gates": config.candidates[winner["candidate"]].gates.model_dump(mode="json")},
         "budget": {"trials": len(search.trials), "seconds": round(time.perf_counter() - started, 1),
                    "stopped": search.stopped},
         # Timing on a machine busy with other work favours settings that suit that moment (e.g. fewer

@@ -106,19 +106,19 @@ def _task(labels: np.ndarray, names: list[str], reference: list[np.ndarray], can
     return task
 
 
-def _localization(settings: dict, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray],
+def _localization(settings: Localize, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray],
                   reference: list[np.ndarray], candidate: list[np.ndarray], exported: Path) -> dict:
     """The layer-by-layer comparison against the exported graph, on the samples that differ most."""
-    subset = {k: v[_localization_rows(spec, reference[0], candidate[0], settings["samples"])]
+    subset = {k: v[_localization_rows(spec, reference[0], candidate[0], settings.samples)]
               for k, v in feeds.items()} if spec.batch_axis_named else feeds
-    return localize.localize(framework, model, spec, subset, exported, settings["tolerance"])
+    return localize.localize(framework, model, spec, subset, exported, settings.tolerance)
 
 
-def _latency(settings: dict, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], runner) -> dict:
+def _latency(settings: Latency, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], runner) -> dict:
     """Latency of the original and the ONNX model at each batch size, with this step alone on the machine."""
     timings = {}
     with latency.exclusive():
-        for batch in settings["batch_sizes"]:
+        for batch in settings.batch_sizes:
             batch_feeds = batch_of(spec, feeds, batch)
             measured = latency.measure(
                 {
@@ -126,26 +126,26 @@ def _latency(settings: dict, framework, model, spec: ModelSpec, feeds: dict[str,
                     "onnxruntime": runner.call(batch_feeds),
                 },
                 batch=batch,
-                warmup=settings["warmup"],
-                iterations=settings["iterations"],
-                target_ci=settings["target_ci"],
-                max_iterations=settings["max_iterations"],
-                time_budget_s=settings["time_budget_s"],
+                warmup=settings.warmup,
+                iterations=settings.iterations,
+                target_ci=settings.target_ci,
+                max_iterations=settings.max_iterations,
+                time_budget_s=settings.time_budget_s,
             )
             measured["speedup_p50"] = measured["original"]["p50_ms"] / measured["onnxruntime"]["p50_ms"]
             timings[str(batch)] = measured
     return timings
 
 
-def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict:
+def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     from stages import onnx_runtime
 
-    settings = config["latency"]
-    threads = settings["threads"] or os.cpu_count() or 1
+    settings = config.latency
+    threads = settings.threads or os.cpu_count() or 1
     source = artifacts.source(inputs["model"])
     flavor = source["flavor"]
     frameworks.framework(flavor).set_threads(threads)  # before loading: TensorFlow fixes its pools at start
-    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config["source_options"])
+    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config.source_options)
     spec = artifacts.spec(inputs["data"])
     feeds = artifacts.inputs(inputs["data"])
     labels = artifacts.labels(inputs["data"])
@@ -163,12 +163,12 @@ def run(config: dict, inputs: dict[str, Path], out: Path, context: dict) -> dict
     artifacts.write_outputs(out, dict(zip(names, reference)), dict(zip(names, candidate)))
     outputs = {name: parity.compare(r, c) for name, r, c in zip(names, reference, candidate)}
 
-    sweep, sweep_arrays = ([], {}) if not config["shape_sweep"] else _shape_sweep(framework, model, spec, feeds,
+    sweep, sweep_arrays = ([], {}) if not config.shape_sweep else _shape_sweep(framework, model, spec, feeds,
                                                                                     runner, names)
     artifacts.write_sweep(out, sweep_arrays)
     task = _task(labels, names, reference, candidate) if labels is not None else None
-    localization = (_localization(config["localize"], framework, model, spec, feeds, reference, candidate,
-                                  artifacts.onnx_model(inputs["exported"])) if config["localize"]["enabled"] else None)
+    localization = (_localization(config.localize, framework, model, spec, feeds, reference, candidate,
+                                  artifacts.onnx_model(inputs["exported"])) if config.localize.enabled else None)
     timings = _latency(settings, framework, model, spec, feeds, runner)
 
     metrics = {

@@ -135,8 +135,7 @@ def test_static_int8_keeps_a_softmax_graph_output_in_float(tmp_path):
     source = tmp_path / "fp32.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
     feeds = {"x": rng.standard_normal((32, 16)).astype(np.float32)}
-    variant = {"per_channel": False, "activation_type": "uint8", "weight_type": "int8",
-               "calibration": {"method": "minmax"}}
+    variant = quantize.Int8StaticVariant(name="s", kind="int8-static", per_channel=False)
     kept = quantize._float_outputs(onnx.load(str(source)).graph)
     assert kept == ["softmax"]
 
