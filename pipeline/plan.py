@@ -106,6 +106,16 @@ class Graph:
                 module.plan_candidate(self, candidate)
         return candidate
 
+    def variants(self, kinds: dict) -> list:
+        """The recipe's precision variants of the given kinds (a stage's VARIANTS), in recipe order."""
+        return [variant for variant in self.recipe.variants if variant.kind in kinds]
+
+    def add_variant(self, variant, built: str) -> Candidate:
+        """A precision variant built by step `built`: compared layer by layer on itself, its gate told how it was
+        built (the fallback rounds), held to its own parity gates or the recipe's."""
+        return self.add_candidate(variant.name, model=built, exported=built, parity=variant.gates,
+                                  checks={"quantized": built})
+
     def names(self, prefix: str) -> list[str]:
         """The planned steps whose name starts with prefix (e.g. every `serve.` target), in planning order."""
         return [name for name in self.steps if name.startswith(prefix)]

@@ -355,13 +355,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
 
 def plan(graph) -> None:
     """One step per Olive variant, on the same input the other precision variants take."""
-    recipe = graph.recipe
-    for variant in recipe.variants:
-        if variant.kind not in VARIANTS:
-            continue
-        built = graph.add(f"olive.{variant.name}",
-                          {"variant": variant.model_dump(mode="json", include={"name", "kind", "passes", "calibration"}),
-                           "level": recipe.optimize.level},
-                          {"onnx": "optimize", "data": "data"})
-        graph.add_candidate(variant.name, model=built, exported=built, parity=variant.gates,
-                            checks={"quantized": built})
+    for variant in graph.variants(VARIANTS):
+        config = {"variant": variant.model_dump(mode="json", include={"name", "kind", "passes", "calibration"}),
+                  "level": graph.recipe.optimize.level}
+        graph.add_variant(variant, graph.add(f"olive.{variant.name}", config, {"onnx": "optimize", "data": "data"}))

@@ -305,11 +305,7 @@ def step_config(variant: VariantBase, gates, level: str) -> dict:
 def plan(graph) -> None:
     """One step per precision variant of the kinds built here, from the FP32 candidate's quantizable copy."""
     recipe = graph.recipe
-    for variant in recipe.variants:
-        if variant.kind not in VARIANTS:
-            continue
-        built = graph.add(f"quantize.{variant.name}",
-                          step_config(variant, variant.gates or recipe.gates.parity, recipe.optimize.level),
-                          {"onnx": "optimize", "data": "data", "metrics": "validate"})
-        graph.add_candidate(variant.name, model=built, exported=built, parity=variant.gates,
-                            checks={"quantized": built})
+    for variant in graph.variants(VARIANTS):
+        graph.add_variant(variant, graph.add(
+            f"quantize.{variant.name}", step_config(variant, variant.gates or recipe.gates.parity, recipe.optimize.level),
+            {"onnx": "optimize", "data": "data", "metrics": "validate"}))

@@ -39,8 +39,10 @@ def test_a_toy_stage_and_target_are_one_module_and_one_line_each(registry, tmp_p
     assert steps["digits-toy:serve.toy"]["stage"] == "serve.toy"
     text = _kiln_with(TOY, "plan", str(recipe), "--tracking-uri", registry, "--artifacts", artifacts)
     assert "opcount" in text.stdout and "<- digits-toy:optimize" in text.stdout, text.stdout
-    # And it builds: the toy stage's output is in the store, the toy target's file in the bundle.
-    built = _kiln_with(TOY, "run", str(recipe), "--tracking-uri", registry, "--artifacts", artifacts, "--json")
+    # And it builds: the toy stage's output is in the store, the toy target's file in the bundle. In-process, since
+    # the registry lines above run only in this interpreter (a line in stages/__init__.py reaches every worker).
+    built = _kiln_with(TOY, "run", str(recipe), "--tracking-uri", registry, "--artifacts", artifacts, "--json",
+                       "--executor", "inline")
     assert built.returncode == 0, built.stderr[-2000:]
     bundle = tmp_path / "a" / "bundles" / "digits-toy" / "v1"
     assert (bundle / "serving" / "toy" / "served.txt").read_text().startswith("hi digits-toy v1: pixels")
@@ -117,3 +119,39 @@ def test_no_function_over_60_lines(folder):
             for name, tree in _modules(ROOT / folder).items() for node in ast.walk(tree)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_LINES]
     assert long == []
+
+
+def test_only_the_models_own_framework_options_key_its_export(tmp_path):
+    """The PyTorch exporter is a field of `export`, but a TensorFlow model's export is not keyed on it."""
+    from pipeline import registry
+
+    config = registry.stage("export").Config(opset=18, exporter="torchscript", source_options={})
+    keys = {}
+    for flavor in ("pytorch", "tensorflow"):
+        folder = tmp_path / flavor
+        folder.mkdir()
+        (folder / "source.json").write_text(json.dumps({"flavor": flavor}))
+        keys[flavor] = registry.keyed_config("export", config, {"model": folder})
+    assert keys["pytorch"]["exporter"] == "torchscript" and keys["pytorch"]["opset"] == 18
+    assert "exporter" not in keys["tensorflow"] and keys["tensorflow"]["opset"] == 18
+
+
+def test_the_planner_refuses_an_input_of_the_wrong_kind(tmp_path):
+    """A step that reads validate's metrics as if it were a model is a planning error naming both steps."""
+    from pipeline.errors import RecipeError
+    from pipeline.mlflow_registry import SourceRef
+    from pipeline.plan import Graph
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES / "digits-cnn.yaml")
+    graph = Graph(recipe, RECIPES / "digits-cnn.yaml", SourceRef("models:/m/1", "sqlite://", "m", "1", None, "", 0),
+                  tmp_path)
+    graph.add("fetch", {"source": {"name": "m", "version": "1", "run_id": None, "model_source": "", "created": 0}})
+    graph.add("data", {"data": {"source": "synthetic"}}, {"model": "fetch"})
+    graph.add("optimize", {"level": "basic"}, {"onnx": "data"})
+    with pytest.raises(RecipeError, match="step optimize wants onnx as 'onnx', but data makes samples"):
+        graph.ordered()
+    with pytest.raises(RecipeError, match="step quantize.x: variant: Input tag .int4."):
+        graph.add("quantize.x", {"variant": {"name": "x", "kind": "int4"}, "gates": {}, "level": "basic"})
+    with pytest.raises(RecipeError, match="input 'weights' is not one its stage declares"):
+        graph.add("export", {"opset": 18}, {"weights": "fetch"})
