@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import ModelError, RecipeError
 from pipeline.schema import StageConfig, Strict
-from stages import artifacts
+from stages import artifacts, frameworks
 from stages.tensors import ModelSpec, TensorSpec, check_feeds, load_arrays
 
 VERSION = 2
@@ -59,6 +59,7 @@ class Config(StageConfig):
     data: Data
     inputs: list[TensorDecl] | None = None
     outputs: list[str] | None = None
+    source_options: dict[str, str] = Field(default_factory=dict, description="How the original model is loaded")
 
 
 INPUTS = {"model": artifacts.SOURCE}
@@ -66,20 +67,41 @@ OUTPUT = artifacts.SAMPLES
 
 
 def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
-    return ["numpy"] + (["mlflow"] if config.data.source in ("input_example", "run_artifact") else [])
+    # The model's framework too: a signature that leaves its inputs unnamed is completed from the model itself.
+    return ["numpy", *frameworks.tools(frameworks.flavor_of(inputs))] + (
+        ["mlflow"] if config.data.source in ("input_example", "run_artifact") else [])
 
 
-def _spec(config: Config, source: dict) -> ModelSpec:
+def _named_inputs(source: dict, model_dir: Path, options: dict) -> list[dict] | None:
+    """The signature's input tensors, named: as MLflow recorded them, or, when the signature leaves them unnamed
+    (as `infer_signature` on numpy arrays does), with the names the model itself gives its inputs (its
+    framework's `model_inputs`), matched by position. None when neither says."""
+    declared = source["signature"].get("inputs")
+    if declared and all(t.get("name") for t in declared):
+        return declared
+    own = frameworks.model_inputs(source, model_dir, options)
+    if not own:
+        return None
+    if not declared:
+        return own
+    if len(declared) != len(own):
+        raise ModelError(f"{source['uri']}: the MLflow signature has {len(declared)} unnamed input(s), the model "
+                         f"{len(own)} ({', '.join(t['name'] for t in own)}); declare them in the recipe's 'inputs'")
+    return [{**t, "name": mine["name"]} for t, mine in zip(declared, own)]
+
+
+def _spec(config: Config, source: dict, model_dir: Path) -> ModelSpec:
     outputs = config.outputs
     signature = source["signature"]
     if not outputs and signature.get("outputs") and all(o.get("name") for o in signature["outputs"]):
         outputs = [o["name"] for o in signature["outputs"]]
     if config.inputs:
         return ModelSpec([TensorSpec(t.name, t.dtype, t.shape) for t in config.inputs], outputs)
-    declared = signature.get("inputs")
-    if not declared or not all(t.get("name") for t in declared):
+    declared = _named_inputs(source, model_dir, config.source_options)
+    if not declared:
         raise ModelError(
-            f"{source['uri']}: the MLflow signature has no named tensor inputs; declare them in the recipe's 'inputs'"
+            f"{source['uri']}: neither the MLflow signature nor the model names its tensor inputs; declare them in the "
+            "recipe's 'inputs'"
         )
     tensors = []
     for t in declared:
@@ -136,7 +158,7 @@ def _from_input_example(model_dir: Path, spec: ModelSpec, source: dict) -> dict[
 
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     source = artifacts.source(inputs["model"])
-    spec = _spec(config, source)
+    spec = _spec(config, source, artifacts.model_dir(inputs["model"]))
     data = config.data
     labels = None
     if data.source == "synthetic":
@@ -194,7 +216,7 @@ def plan(graph) -> None:
     recipe = graph.recipe
     config = {"data": recipe.validation.data.model_dump(mode="json"),
               "inputs": [t.model_dump(mode="json") for t in recipe.inputs] if recipe.inputs else None,
-              "outputs": recipe.outputs}
+              "outputs": recipe.outputs, "source_options": {"signature": recipe.source.signature}}
     files: dict[str, str] = {}
     context: dict = {"tracking_uri": graph.source.tracking_uri}
     if recipe.validation.data.source == "npz":

@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.errors import ModelError, SourceError
 from pipeline.schema import StageConfig, Strict
-from stages import artifacts
+from stages import artifacts, frameworks
 
 VERSION = 2
 
@@ -31,7 +31,6 @@ class Config(StageConfig):
 
 INPUTS: dict[str, str] = {}
 OUTPUT = artifacts.SOURCE
-FLAVORS = ("pytorch", "tensorflow", "keras", "onnx")  # in order of preference when a model has several
 
 
 def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
@@ -100,10 +99,11 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         raise ModelError(f"models:/{name}/{version}: no MLmodel file; is this an MLflow model?")
     mlmodel = yaml.safe_load(mlmodel_path.read_text())
     flavors = mlmodel.get("flavors", {})
-    flavor = next((f for f in FLAVORS if f in flavors), None)
+    # The order of the source frameworks registry is the order of preference when a model has several flavors.
+    flavor = next((f for f in frameworks.FRAMEWORKS if f in flavors), None)
     if flavor is None:
         raise ModelError(
-            f"models:/{name}/{version}: flavors {sorted(flavors)} include none kiln can convert ({', '.join(FLAVORS)})"
+            f"models:/{name}/{version}: flavors {sorted(flavors)} include none kiln can convert ({', '.join(frameworks.FRAMEWORKS)})"
         )
     signature = mlmodel.get("signature") or {}
     example = mlmodel.get("saved_input_example_info") or {}

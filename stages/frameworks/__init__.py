@@ -3,10 +3,17 @@ export it to ONNX:
 
     load(model_dir: Path, options: dict) -> model           options: {'signature': ...} from the recipe's source
     predict(model, spec: ModelSpec, feeds: dict[str, ndarray]) -> list[ndarray]   (outputs in export order)
+    runner(model, spec, feeds) -> callable                    one timed call, for validate's latency
     export_onnx(model, spec, feeds, output_names, exporter, opset, path) -> dict (what was done)
+    layer_outputs(model, spec, feeds) -> [(layer, type, ndarray)]   for validate's per-layer localization
     set_threads(n), TOOLS: list of distributions whose versions key the steps that use it
+and optionally
+    ExportOptions                                             pydantic model: its fields join the recipe's `export`
+    model_inputs(model_dir, options) -> [{name, dtype, shape}]   the model's own inputs (-1: dynamic axis), for
+                                                              MLflow signatures that leave them unnamed
 
-A new source framework is a module plus an entry here.
+The key of FRAMEWORKS is the MLflow flavor it reads; their order is the order of preference when a model has
+several flavors. A new source framework is a module plus an entry here.
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ def export_options() -> dict[str, type]:
         if model is not None:
             found[flavor] = model
     return found
+
+
+def model_inputs(source: dict, model_dir: Path, options: dict) -> list[dict] | None:
+    """The model's own input tensors ([{name, dtype, shape}], -1 for a dynamic axis) from its framework's optional
+    `model_inputs(model_dir, options)`, for signatures that do not name them; None when the framework cannot say."""
+    module = framework(source.get("flavor") or "unknown")
+    reader = getattr(module, "model_inputs", None)
+    if reader is None:
+        return None
+    try:
+        return reader(model_dir, options)
+    except ModelError as exc:
+        raise ModelError(f"{source['uri']}: {exc}") from None
 
 
 def tools(flavor: str | None) -> list[str]:
