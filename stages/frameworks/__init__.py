@@ -28,6 +28,7 @@ from pipeline.errors import ModelError
 FRAMEWORKS: dict[str, str] = {
     "pytorch": "stages.frameworks.pytorch",
     "tensorflow": "stages.frameworks.tensorflow",
+    "onnx": "stages.frameworks.onnx",
 }
 
 
