@@ -95,6 +95,8 @@ def _spec(config: Config, source: dict, model_dir: Path) -> ModelSpec:
     signature = source["signature"]
     if not outputs and signature.get("outputs") and all(o.get("name") for o in signature["outputs"]):
         outputs = [o["name"] for o in signature["outputs"]]
+    if not outputs:  # the signature leaves them unnamed: the names the model itself gives them, when it says
+        outputs = frameworks.model_outputs(source, model_dir, config.source_options) or None
     if config.inputs:
         return ModelSpec([TensorSpec(t.name, t.dtype, t.shape) for t in config.inputs], outputs)
     declared = _named_inputs(source, model_dir, config.source_options)

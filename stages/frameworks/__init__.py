@@ -11,6 +11,7 @@ and optionally
     ExportOptions                                             pydantic model: its fields join the recipe's `export`
     model_inputs(model_dir, options) -> [{name, dtype, shape}]   the model's own inputs (-1: dynamic axis), for
                                                               MLflow signatures that leave them unnamed
+    model_outputs(model_dir, options) -> [name]              the model's own output names, likewise
 
 The key of FRAMEWORKS is the MLflow flavor it reads; their order is the order of preference when a model has
 several flavors. A new source framework is a module plus an entry here.
@@ -27,6 +28,7 @@ from pipeline.errors import ModelError
 FRAMEWORKS: dict[str, str] = {
     "pytorch": "stages.frameworks.pytorch",
     "tensorflow": "stages.frameworks.tensorflow",
+    "onnx": "stages.frameworks.onnx",
 }
 
 
@@ -53,8 +55,18 @@ def export_options() -> dict[str, type]:
 def model_inputs(source: dict, model_dir: Path, options: dict) -> list[dict] | None:
     """The model's own input tensors ([{name, dtype, shape}], -1 for a dynamic axis) from its framework's optional
     `model_inputs(model_dir, options)`, for signatures that do not name them; None when the framework cannot say."""
+    return _ask_model(source, "model_inputs", model_dir, options)
+
+
+def model_outputs(source: dict, model_dir: Path, options: dict) -> list[str] | None:
+    """The model's own output names from its framework's optional `model_outputs(model_dir, options)`, for
+    signatures that do not name them; None when the framework cannot say."""
+    return _ask_model(source, "model_outputs", model_dir, options)
+
+
+def _ask_model(source: dict, function: str, model_dir: Path, options: dict):
     module = framework(source.get("flavor") or "unknown")
-    reader = getattr(module, "model_inputs", None)
+    reader = getattr(module, function, None)
     if reader is None:
         return None
     try:
