@@ -3,7 +3,7 @@ with every graph optimization disabled on the CPU; "export" writes that graph as
 optimize, quantize, tune and validate steps then work on it as on any exported graph, validated against itself.
 
 External data (MLflow's default: `mlflow.onnx.log_model(..., save_as_external_data=True)` writes the initializers
-of 1 KiB and more to `model.onnx.data` beside `model.onnx`) is read from the model's folder only: a `location` that
+of 1 KiB and more to one `<uuid>.data` file beside `model.onnx`) is read from the model's folder only: a `location` that
 is absolute or leads out of the folder (`../`) is refused before anything opens it. The exported graph has its
 external data inlined (up to protobuf's 2 GiB limit), because every later step and the bundle hand one
 `model.onnx` file around.
