@@ -11,6 +11,8 @@ and optionally
     ExportOptions                                             pydantic model: its fields join the recipe's `export`
     model_inputs(model_dir, options) -> [{name, dtype, shape}]   the model's own inputs (-1: dynamic axis), for
                                                               MLflow signatures that leave them unnamed
+    output_names(model, spec) -> [str]                        the model's own output names, when the spec's
+                                                              outputs (the recipe's or signature's) say too little
 
 The key of FRAMEWORKS is the MLflow flavor it reads; their order is the order of preference when a model has
 several flavors. A new source framework is a module plus an entry here.
@@ -27,6 +29,7 @@ from pipeline.errors import ModelError
 FRAMEWORKS: dict[str, str] = {
     "pytorch": "stages.frameworks.pytorch",
     "tensorflow": "stages.frameworks.tensorflow",
+    "sklearn": "stages.frameworks.sklearn",
 }
 
 
