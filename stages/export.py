@@ -152,7 +152,10 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         )
 
     path = artifacts.onnx_model(out)
-    done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
+    try:
+        done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
+    except ModelError as exc:  # a model its exporter cannot convert: the one line names which model
+        raise ModelError(f"{source['uri']}: {exc}") from None
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
