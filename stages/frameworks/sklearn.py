@@ -2,10 +2,10 @@
 itself, export with skl2onnx.
 
 Classifiers export two outputs, the label and the class probabilities as one tensor (ZipMap off, so every
-runtime and server reads a plain float tensor); regressors export their prediction. The ONNX graph computes in
-float32 (every skl2onnx converter supports it; scikit-learn's trees compare in float32 anyway). Its input keeps
-the dtype the model's signature declares (MLflow's `infer_signature` on numpy data says float64): a Cast at the
-front of the graph turns it into float32, so clients send what the signature promises.
+runtime and server reads a plain tensor); regressors export their prediction. The ONNX input keeps the dtype the
+model's signature declares (MLflow's `infer_signature` on numpy data says float64). A float64 input is computed
+in float64, as scikit-learn computes, except inside tree ensembles, which get float32 as scikit-learn's trees cast
+X to float32; float outputs are float64 then. Any other input dtype is cast to float32 in front of the graph.
 """
 
 from __future__ import annotations
@@ -83,12 +83,14 @@ def _features(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 def predict(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The outputs in export order, in the dtypes and shapes the ONNX graph gives them: classifiers
-    [label int64 (n,), probabilities float32 (n, classes)], regressors [prediction float32 (n, targets)]."""
+    [label int64 (n,), probabilities (n, classes)], regressors [prediction (n, targets)], float outputs in
+    float64 when the input is float64 (scikit-learn's own precision), else float32."""
     x = _features(spec, feeds)
+    dtype = compute_dtype(spec)
     if _is_classifier(model):
-        return [np.asarray(model.predict(x)).astype(np.int64), np.asarray(model.predict_proba(x)).astype(np.float32)]
+        return [np.asarray(model.predict(x)).astype(np.int64), np.asarray(model.predict_proba(x)).astype(dtype)]
     prediction = np.asarray(model.predict(x))
-    return [prediction.reshape(prediction.shape[0], -1).astype(np.float32)]
+    return [prediction.reshape(prediction.shape[0], -1).astype(dtype)]
 
 
 def runner(model, spec: ModelSpec, feeds: dict[str, np.ndarray]):
@@ -111,17 +113,28 @@ def output_names(model, spec: ModelSpec) -> list[str]:
     return list(defaults)
 
 
-def _convert(model, name: str, opset: int):
+def compute_dtype(spec: ModelSpec) -> np.dtype:
+    """float64 when the input is (as scikit-learn computes), else float32: the dtype of the float outputs."""
+    return np.dtype(np.float64) if np.dtype(spec.inputs[0].dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _convert(model, name: str, dtype: np.dtype, opset: int):
+    """skl2onnx's graph taking `dtype` (float64 or float32) columns: (graph, the input dtype it takes)."""
     from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
+    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 
     options = {id(model): {"zipmap": False}} if _is_classifier(model) else None
-    try:
-        return convert_sklearn(model, initial_types=[(name, FloatTensorType([None, int(model.n_features_in_)]))],
-                               options=options, target_opset=opset)
-    except Exception as exc:  # noqa: BLE001 - an estimator skl2onnx cannot convert is the model's limit
-        raise ModelError(f"export: skl2onnx cannot convert {_describe(model)}: {type(exc).__name__}: "
-                         f"{first_line(exc, 200)}") from None
+    tried = [(DoubleTensorType, np.float64)] if dtype == np.float64 else []
+    failure = None
+    for kind, taken in [*tried, (FloatTensorType, np.float32)]:
+        try:
+            proto = convert_sklearn(model, initial_types=[(name, kind([None, int(model.n_features_in_)]))],
+                                    options=options, target_opset=opset)
+            return proto, np.dtype(taken)
+        except Exception as exc:  # noqa: BLE001 - not every converter has float64; float32 is tried next
+            failure = exc
+    raise ModelError(f"export: skl2onnx cannot convert {_describe(model)}: {type(failure).__name__}: "
+                     f"{first_line(failure, 200)}")
 
 
 def _describe(model) -> str:
@@ -131,46 +144,101 @@ def _describe(model) -> str:
     return type(model).__name__
 
 
-def _cast_input(proto, name: str, dtype: str) -> None:
-    """Make the graph's float32 input `name` take `dtype` (the signature's) through a Cast in front."""
-    import onnx
+def _cast(name: str, output: str, dtype: np.dtype):
     from onnx import helper
 
-    if np.dtype(dtype) == np.float32:
+    return helper.make_node("Cast", [name], [output], to=helper.np_dtype_to_tensor_dtype(dtype),
+                            name=f"kiln_cast_{output}")
+
+
+TREE_OPS = {"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"}
+
+
+def _trees_at_float32(graph) -> int:
+    """Feed every tree ensemble float32 and give its scores back as float64, as scikit-learn does (its trees cast
+    X to float32; what comes before and after stays float64). skl2onnx's float64 graph compares float64 values
+    with float32 thresholds, which flips splits (measured: a random forest's votes on wine), and declares
+    float64 scores that its TreeEnsembleClassifier gives as float32 (a gradient boosting graph ORT refuses)."""
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.domain != "ai.onnx.ml" or node.op_type not in TREE_OPS:
+            nodes.append(node)
+            continue
+        count += 1
+        x = node.input[0]
+        node.input[0] = f"{x}_float32_for_{node.name}"
+        scores = 1 if node.op_type == "TreeEnsembleClassifier" else 0
+        out = node.output[scores]
+        node.output[scores] = f"{out}_float32"
+        nodes += [_cast(x, node.input[0], np.dtype(np.float32)), node,
+                  _cast(node.output[scores], out, np.dtype(np.float64))]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    produced_double = {n.output[0] for n in nodes if n.name.startswith("kiln_cast_") and n.output[0] in
+                       {o.name for o in graph.output}}
+    for output in graph.output:
+        if output.name in produced_double:
+            output.type.tensor_type.elem_type = 11  # DOUBLE: what the Cast now gives
+    return count
+
+
+def _cast_input(graph, name: str, dtype: str, taken: np.dtype) -> None:
+    """Make the graph's input `name` take `dtype` (the signature's) through a Cast in front when the converted
+    graph takes another."""
+    from onnx import helper
+
+    if np.dtype(dtype) == taken:
         return
-    inner = f"{name}_float32"
-    rename_tensor(proto.graph, name, inner)
-    (graph_input,) = [i for i in proto.graph.input if i.name == name]
+    inner = f"{name}_{taken.name}"
+    rename_tensor(graph, name, inner)
+    (graph_input,) = [i for i in graph.input if i.name == name]
     graph_input.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    cast = helper.make_node("Cast", [name], [inner], to=onnx.TensorProto.FLOAT, name=f"{name}_cast")
-    proto.graph.node.insert(0, cast)
+    graph.node.insert(0, _cast(name, inner, taken))
 
 
-def _name_outputs(proto, names: list[str]) -> None:
+def _cast_outputs(graph, dtype: np.dtype) -> None:
+    """Float outputs in `dtype`, whatever precision the converter computed them in."""
+    from onnx import helper
+
+    want = helper.np_dtype_to_tensor_dtype(dtype)
+    for output in graph.output:
+        if output.type.tensor_type.elem_type in (1, 11) and output.type.tensor_type.elem_type != want:
+            name, inner = output.name, f"{output.name}_computed"
+            rename_tensor(graph, name, inner)
+            output.name = name  # rename_tensor renamed the graph output too; the Cast gives it now
+            graph.node.append(_cast(inner, name, dtype))
+            output.type.tensor_type.elem_type = want
+
+
+def _name_outputs(graph, names: list[str]) -> None:
     """Rename the converted graph's outputs by position (through unique temporaries, so swaps cannot clash)."""
-    current = [o.name for o in proto.graph.output]
+    current = [o.name for o in graph.output]
     if len(current) != len(names):
         raise ModelError(f"outputs: {len(names)} names given but skl2onnx's graph has {len(current)} outputs "
                          f"({', '.join(current)})")
     for index, old in enumerate(current):
-        rename_tensor(proto.graph, old, f"kiln_output_{index}")
+        rename_tensor(graph, old, f"kiln_output_{index}")
     for index, new in enumerate(names):
-        rename_tensor(proto.graph, f"kiln_output_{index}", new)
+        rename_tensor(graph, f"kiln_output_{index}", new)
 
 
 def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter: str, opset: int, path: Path) -> dict:
     import onnx
+    import skl2onnx
 
     tensor = spec.inputs[0]
     _features(spec, feeds)
-    proto = _convert(model, tensor.name, opset)
-    _cast_input(proto, tensor.name, tensor.dtype)
-    _name_outputs(proto, output_names)
+    dtype = compute_dtype(spec)
+    proto, taken = _convert(model, tensor.name, dtype, opset)
+    trees = _trees_at_float32(proto.graph) if taken == np.float64 else 0
+    _cast_input(proto.graph, tensor.name, tensor.dtype, taken)
+    _cast_outputs(proto.graph, dtype)
+    _name_outputs(proto.graph, output_names)
     onnx.save(proto, str(path))
-    import skl2onnx
-
-    return {"exporter": "skl2onnx", "exporter_version": skl2onnx.__version__, "opset": opset,
-            "estimator": _describe(model), "input_dtype": tensor.dtype, "compute_dtype": "float32"}
+    opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    return {"exporter": "skl2onnx", "exporter_version": skl2onnx.__version__, "opset": opsets.get("ai.onnx", opset),
+            "opsets": opsets, "estimator": _describe(model), "input_dtype": tensor.dtype,
+            "compute_dtype": taken.name, "tree_ensembles_at_float32": trees}
 
 
 def layer_outputs(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
