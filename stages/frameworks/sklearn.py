@@ -118,23 +118,49 @@ def compute_dtype(spec: ModelSpec) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(spec.inputs[0].dtype) == np.float64 else np.dtype(np.float32)
 
 
-def _convert(model, name: str, dtype: np.dtype, opset: int):
-    """skl2onnx's graph taking `dtype` (float64 or float32) columns: (graph, the input dtype it takes)."""
+def _convert(model, name: str, taken: np.dtype, opset: int):
+    """skl2onnx's graph of the model taking `taken` (float64 or float32) columns."""
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 
+    kind = DoubleTensorType if taken == np.float64 else FloatTensorType
     options = {id(model): {"zipmap": False}} if _is_classifier(model) else None
-    tried = [(DoubleTensorType, np.float64)] if dtype == np.float64 else []
-    failure = None
-    for kind, taken in [*tried, (FloatTensorType, np.float32)]:
+    return convert_sklearn(model, initial_types=[(name, kind([None, int(model.n_features_in_)]))],
+                           options=options, target_opset=opset)
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause's first line: skl2onnx wraps a failing node's error in one that dumps its attributes."""
+    cause = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(cause).__name__}: {first_line(cause, 200)}"
+
+
+def _runnable_graph(model, spec: ModelSpec, output_names: list[str], opset: int):
+    """The finished graph (tree ensembles at float32, the signature's input dtype, float outputs in the compute
+    dtype, the outputs named) and the dtype it computes in: float64 where skl2onnx converts and ONNX Runtime
+    runs every step in float64 (not all have float64 kernels, e.g. the Imputer), else float32."""
+    import onnxruntime
+
+    tensor, dtype = spec.inputs[0], compute_dtype(spec)
+    failures = []
+    for taken in dict.fromkeys([dtype, np.dtype(np.float32)]):
         try:
-            proto = convert_sklearn(model, initial_types=[(name, kind([None, int(model.n_features_in_)]))],
-                                    options=options, target_opset=opset)
-            return proto, np.dtype(taken)
-        except Exception as exc:  # noqa: BLE001 - not every converter has float64; float32 is tried next
-            failure = exc
-    raise ModelError(f"export: skl2onnx cannot convert {_describe(model)}: {type(failure).__name__}: "
-                     f"{first_line(failure, 200)}")
+            proto = _convert(model, tensor.name, taken, opset)
+            trees = _trees_at_float32(proto.graph) if taken == np.float64 else 0
+            _cast_input(proto.graph, tensor.name, tensor.dtype, taken)
+            _cast_outputs(proto.graph, dtype)
+            _name_outputs(proto.graph, output_names)
+            onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+            return proto, taken, trees
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this precision does not convert or run; the next is tried
+            failures.append((taken.name, _reason(exc)))
+    reasons = {reason for _, reason in failures}
+    said = reasons.pop() if len(reasons) == 1 else "; ".join(f"{kind}: {reason}" for kind, reason in failures)
+    raise ModelError(f"export: skl2onnx cannot convert {_describe(model)}: {said}")
 
 
 def _describe(model) -> str:
@@ -226,18 +252,12 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
     import onnx
     import skl2onnx
 
-    tensor = spec.inputs[0]
     _features(spec, feeds)
-    dtype = compute_dtype(spec)
-    proto, taken = _convert(model, tensor.name, dtype, opset)
-    trees = _trees_at_float32(proto.graph) if taken == np.float64 else 0
-    _cast_input(proto.graph, tensor.name, tensor.dtype, taken)
-    _cast_outputs(proto.graph, dtype)
-    _name_outputs(proto.graph, output_names)
+    proto, taken, trees = _runnable_graph(model, spec, output_names, opset)
     onnx.save(proto, str(path))
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     return {"exporter": "skl2onnx", "exporter_version": skl2onnx.__version__, "opset": opsets.get("ai.onnx", opset),
-            "opsets": opsets, "estimator": _describe(model), "input_dtype": tensor.dtype,
+            "opsets": opsets, "estimator": _describe(model), "input_dtype": spec.inputs[0].dtype,
             "compute_dtype": taken.name, "tree_ensembles_at_float32": trees}
 
 
