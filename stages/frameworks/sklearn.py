@@ -40,7 +40,7 @@ def _check_supported(model) -> None:
     regressors. Anything else is refused up front with the reason."""
     from sklearn.base import is_regressor
 
-    name = type(model).__name__
+    name = _describe(model)
     if _is_classifier(model):
         if not hasattr(model, "predict_proba"):
             raise ModelError(f"sklearn {name}: the classifier has no predict_proba; kiln exports label and "
