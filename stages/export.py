@@ -127,6 +127,15 @@ def _prove_dynamic_axes(framework, model, spec: ModelSpec, feeds: dict[str, np.n
     return checked, observed
 
 
+def _output_names(framework, model, spec: ModelSpec, count: int) -> list[str]:
+    """The framework's names for its outputs when it has them (e.g. a classifier's label and probabilities,
+    which an MLflow signature leaves unnamed), else the spec's, else output_<i>."""
+    own = getattr(framework, "output_names", None)
+    if own is not None:
+        return own(model, spec)
+    return spec.outputs or [f"output_{i}" for i in range(count)]
+
+
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import onnx
 
@@ -136,14 +145,17 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     spec = artifacts.spec(inputs["data"])
     feeds = artifacts.inputs(inputs["data"])
     reference = framework.predict(model, spec, feeds)
-    output_names = spec.outputs or [f"output_{i}" for i in range(len(reference))]
+    output_names = _output_names(framework, model, spec, len(reference))
     if len(output_names) != len(reference):
         raise ModelError(
             f"outputs: {len(output_names)} names ({', '.join(output_names)}) but the model returns {len(reference)} tensors"
         )
 
     path = artifacts.onnx_model(out)
-    done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
+    try:
+        done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
+    except ModelError as exc:  # a model its exporter cannot convert: the one line names which model
+        raise ModelError(f"{source['uri']}: {exc}") from None
 
     try:
         onnx.checker.check_model(str(path), full_check=True)

@@ -36,6 +36,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "reference_nan": int(np.isnan(ref).sum()),
         }
     )
+    if reference.dtype.kind in "iub":
+        # Integer outputs (class labels, token ids) are right or wrong: the fraction that is exactly equal.
+        result["exact_agreement"] = float(np.mean(reference == candidate)) if reference.size else 1.0
     if reference.ndim >= 2:
         result["mean_row_cosine"] = mean_row_cosine(np.where(finite, ref, 0), np.where(finite, cand, 0))
     if reference.ndim >= 2 and reference.shape[-1] > 1:
@@ -81,12 +84,20 @@ def tolerance_violation(reference: np.ndarray, candidate: np.ndarray, atol: floa
     }
 
 
+def predicted_classes(output: np.ndarray) -> np.ndarray:
+    """The class each sample is given: an output of integer labels (e.g. a scikit-learn classifier's `label`) is
+    its own prediction; scores or logits give their argmax."""
+    if output.dtype.kind in "iu":
+        return output.reshape(-1)
+    return np.argmax(output, axis=-1).reshape(-1)
+
+
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((np.argmax(logits, axis=-1) == labels.reshape(-1)).mean())
+    return float((predicted_classes(logits) == labels.reshape(-1)).mean())
 
 
 def macro_f1(logits: np.ndarray, labels: np.ndarray) -> float:
-    predicted, truth = np.argmax(logits, axis=-1).reshape(-1), labels.reshape(-1)
+    predicted, truth = predicted_classes(logits), labels.reshape(-1)
     scores = []
     for cls in np.unique(np.concatenate([predicted, truth])):
         tp = int(((predicted == cls) & (truth == cls)).sum())

@@ -11,7 +11,9 @@ and optionally
     ExportOptions                                             pydantic model: its fields join the recipe's `export`
     model_inputs(model_dir, options) -> [{name, dtype, shape}]   the model's own inputs (-1: dynamic axis), for
                                                               MLflow signatures that leave them unnamed
-    model_outputs(model_dir, options) -> [name]              the model's own output names, likewise
+    model_outputs(model_dir, options) -> [name]              the model's own output names, read before the spec
+    output_names(model, spec) -> [str]                        at export, from the loaded model, when the spec's
+                                                              outputs (the recipe's or signature's) say too little
 
 The key of FRAMEWORKS is the MLflow flavor it reads; their order is the order of preference when a model has
 several flavors. A new source framework is a module plus an entry here.
@@ -29,6 +31,7 @@ FRAMEWORKS: dict[str, str] = {
     "pytorch": "stages.frameworks.pytorch",
     "tensorflow": "stages.frameworks.tensorflow",
     "onnx": "stages.frameworks.onnx",
+    "sklearn": "stages.frameworks.sklearn",
 }
 
 
