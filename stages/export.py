@@ -143,7 +143,10 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         )
 
     path = artifacts.onnx_model(out)
-    done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
+    try:
+        done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
+    except ModelError as exc:  # the exporter's reason, and which model it was about
+        raise ModelError(f"{source['uri']}: {exc}") from None
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
