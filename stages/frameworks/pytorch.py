@@ -281,12 +281,11 @@ def rename_outputs(model, names: list[str]) -> None:
 
 
 def layer_outputs(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
-    """(qualified module name, module type, output) for every submodule, in the order they finished. A pt2
-    program's module calls no submodules (its graph is flat aten ops), so it gives none: no per-layer comparison."""
+    """(qualified module name, module type, output) for every submodule, in the order they finished."""
     import torch
 
     if isinstance(model, Program):
-        return []
+        return _program_layer_outputs(model, spec, feeds)
 
     records: list[tuple[str, str, np.ndarray]] = []
     seen: set[str] = set()
@@ -309,3 +308,40 @@ def layer_outputs(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[
         for handle in handles:
             handle.remove()
     return records
+
+
+def _program_layer_outputs(model: Program, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    """A pt2 module calls no submodules (its graph is flat aten ops, so hooks never fire), but torch.export
+    records each op's module stack: a module's output is that of the last op inside it. The graph is run node by
+    node (torch.fx's Interpreter) to read those values."""
+    import torch
+    import torch.fx
+
+    last: dict[str, tuple[int, str, Any]] = {}  # module path -> (op index, module type, that op's node)
+    nodes = list(model.module.graph.nodes)
+    for index, node in enumerate(nodes):
+        if node.op != "call_function":
+            continue
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+            if path:
+                last[path] = (index, str(kind).rsplit(".", 1)[-1], node)
+    wanted: dict[Any, list[str]] = {}  # a container ends with the op its last child ends with
+    for path, (_, _, node) in last.items():
+        wanted.setdefault(node, []).append(path)
+    values: dict[str, np.ndarray] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node in wanted and isinstance(result, torch.Tensor) and result.is_floating_point():
+                values.update({path: result.detach().cpu().numpy().copy() for path in wanted[node]})
+            return result
+
+    tensors = _tensors(spec, feeds)
+    try:
+        with torch.inference_mode():
+            Recorder(model.module).run(*[tensors[t.name] for t in spec.inputs])
+    except Exception:  # noqa: BLE001 - localization is a diagnosis: a graph it cannot step through gives none
+        return []
+    ordered = sorted(last.items(), key=lambda item: (item[1][0], -item[0].count(".")))  # a child before its parent
+    return [(path, kind, values[path]) for path, (_, kind, _) in ordered if path in values]
