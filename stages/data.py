@@ -87,7 +87,8 @@ def _named_inputs(source: dict, model_dir: Path, options: dict) -> list[dict] | 
     if len(declared) != len(own):
         raise ModelError(f"{source['uri']}: the MLflow signature has {len(declared)} unnamed input(s), the model "
                          f"{len(own)} ({', '.join(t['name'] for t in own)}); declare them in the recipe's 'inputs'")
-    return [{**t, "name": mine["name"], "shape": _fixed_sizes(t["shape"], mine["shape"])} for t, mine in zip(declared, own)]
+    return [{**t, "name": mine["name"], "shape": _fixed_sizes(t["shape"], mine["shape"])}
+            for t, mine in zip(declared, own)]
 
 
 def _fixed_sizes(declared: list[int], own: list[int]) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
 import logging
 import re
 import warnings
@@ -50,9 +51,6 @@ class Program:
     program: Any  # torch.export.ExportedProgram
     module: Any  # program.module(): a torch.fx.GraphModule; its .eval() and .train() raise NotImplementedError
 
-    def user_inputs(self) -> list[str]:
-        return list(self.program.graph_signature.user_inputs)
-
 
 def _pt2_path(model_dir: Path) -> Path | None:
     """data/model.pt2 when the model was logged with serialization_format='pt2' (MLflow 3's default)."""
@@ -67,7 +65,8 @@ def _load_program(path: Path):
     try:
         return torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - a program that does not load is the user's input problem
-        raise ModelError(f"model {path.name}: torch.export.load failed: {type(exc).__name__}: {first_line(exc, 200)}") from None
+        raise ModelError(f"model {path.name}: torch.export.load failed: "
+                         f"{type(exc).__name__}: {first_line(exc, 200)}") from None
 
 
 def load(model_dir: Path, options: dict | None = None):
@@ -104,7 +103,7 @@ def _program_inputs(program) -> list[dict]:
 
 
 def _forward_names(model) -> list[str]:
-    """forward()'s positional parameter names; those with defaults are optional."""
+    """forward()'s positional parameter names, in order."""
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
@@ -122,8 +121,6 @@ def model_inputs(model_dir: Path, options: dict | None = None) -> list[dict] | N
     signature = (yaml.safe_load((model_dir / "MLmodel").read_text()).get("signature") or {}).get("inputs")
     if not signature:
         return None
-    import json
-
     declared = json.loads(signature)
     if not all(t.get("type") == "tensor" for t in declared):
         return None
@@ -254,7 +251,8 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
     except Exception as exc:  # noqa: BLE001 - an export failure is the model's (or the recipe's) problem
         hint = "" if isinstance(model, Program) else \
             f" (try export.exporter: {'torchscript' if exporter == 'dynamo' else 'dynamo'})"
-        raise ModelError(f"export.exporter {exporter}: torch.onnx.export failed: {_export_failure(exc)}{hint}") from None
+        reason = _export_failure(exc)
+        raise ModelError(f"export.exporter {exporter}: torch.onnx.export failed: {reason}{hint}") from None
     if output_names != requested:
         import onnx
 
@@ -310,7 +308,8 @@ def layer_outputs(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[
     return records
 
 
-def _program_layer_outputs(model: Program, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+def _program_layer_outputs(model: Program, spec: ModelSpec,
+                           feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
     """A pt2 module calls no submodules (its graph is flat aten ops, so hooks never fire), but torch.export
     records each op's module stack: a module's output is that of the last op inside it. The graph is run node by
     node (torch.fx's Interpreter) to read those values."""
