@@ -87,7 +87,16 @@ def _named_inputs(source: dict, model_dir: Path, options: dict) -> list[dict] | 
     if len(declared) != len(own):
         raise ModelError(f"{source['uri']}: the MLflow signature has {len(declared)} unnamed input(s), the model "
                          f"{len(own)} ({', '.join(t['name'] for t in own)}); declare them in the recipe's 'inputs'")
-    return [{**t, "name": mine["name"]} for t, mine in zip(declared, own)]
+    return [{**t, "name": mine["name"], "shape": _fixed_sizes(t["shape"], mine["shape"])}
+            for t, mine in zip(declared, own)]
+
+
+def _fixed_sizes(declared: list[int], own: list[int]) -> list[int]:
+    """The signature's shape, with the sizes the model fixes where the signature says -1: `infer_signature`
+    marks every first axis -1, but a program traced at one size (torch.export on a one-row example) takes no other."""
+    if len(declared) != len(own):
+        return declared
+    return [mine if d == -1 and mine != -1 else d for d, mine in zip(declared, own)]
 
 
 def _spec(config: Config, source: dict, model_dir: Path) -> ModelSpec:

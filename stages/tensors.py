@@ -102,7 +102,12 @@ def axis_sizes(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, int]:
 def batch_of(spec: ModelSpec, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
     """A batch of `batch` samples built from the validation samples (repeating them when there are fewer)."""
     if not spec.batch_axis_named:
-        raise ModelError("validation.latency.batch_sizes: the model's first axis is fixed, so batches cannot be built")
+        fixed = {t.shape[0] for t in spec.inputs if t.shape}
+        if fixed == {batch}:  # the one batch size the model takes: the samples as they are
+            return feeds
+        sizes = ", ".join(str(size) for size in sorted(fixed, key=str))
+        raise ModelError(f"validation.latency.batch_sizes: the model's first axis is fixed at {sizes}, "
+                         f"so a batch of {batch} cannot be built")
     return resize_axes(spec, feeds, {t.shape[0]: batch for t in spec.inputs})
 
 

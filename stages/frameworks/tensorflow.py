@@ -90,6 +90,26 @@ def load(model_dir: Path, options: dict | None = None) -> TFModel:
     return TFModel("saved_model", loaded, path, signature, loaded.signatures[signature])
 
 
+def _keras_inputs(model) -> list[dict]:
+    """A Keras model's inputs as its Input layers name them (None sizes are dynamic: -1)."""
+    return [{"name": t.name, "dtype": str(t.dtype), "shape": [-1 if d is None else int(d) for d in t.shape]}
+            for t in model.inputs]
+
+
+def _signature_inputs(fn) -> list[dict]:
+    """A SavedModel signature's inputs, by the names it is called with (its keyword arguments)."""
+    _, named = fn.structured_input_signature
+    return [{"name": name, "dtype": spec.dtype.name, "shape": [-1 if d is None else int(d) for d in spec.shape]}
+            for name, spec in named.items()]
+
+
+def model_inputs(model_dir: Path, options: dict | None = None) -> list[dict]:
+    """The model's own inputs, for MLflow signatures that leave them unnamed (infer_signature on numpy arrays):
+    Keras' `model.inputs`, or the input names of the SavedModel signature the recipe calls."""
+    model = load(model_dir, options)
+    return _keras_inputs(model.model) if model.kind == "keras" else _signature_inputs(model.fn)
+
+
 def _tensors(spec: ModelSpec, feeds: dict[str, np.ndarray]):
     import tensorflow as tf
 
