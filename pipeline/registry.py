@@ -23,16 +23,12 @@ from pydantic import BaseModel, Field, create_model
 
 import stages
 from pipeline.schema import Strict
-from stages import frameworks, machine, targets
+from stages import machine, targets
 
 
 def stage(name: str) -> ModuleType:
     """The module of a stage (`quantize.int8` is the quantize stage for one variant)."""
     return stages.load_stage(name)
-
-
-def stage_names() -> list[str]:
-    return list(stages.STAGES)
 
 
 def planners() -> list[ModuleType]:
@@ -88,10 +84,6 @@ def serving_model() -> type[BaseModel]:
 def section(stage_name: str, model: str) -> type[BaseModel]:
     """A recipe section a stage defines, e.g. section("export", "Options") or section("gate", "Gates")."""
     return getattr(stage(stage_name), model)
-
-
-def source_flavors() -> list[str]:
-    return list(frameworks.FRAMEWORKS)
 
 
 # --- facts about this machine, for `kiln targets` -----------------------------------------------------------------
