@@ -90,6 +90,8 @@ class Graph:
         """Plan one step; returns its name. `options`: files, context, after, resources, optional, deliver_to."""
         if stage in self.steps:
             raise RecipeError(f"recipe {self.recipe_path}: two steps named {stage!r}")
+        if stage.split(".", 1)[0] not in registry.stage_names():
+            raise RecipeError(f"recipe {self.recipe_path}: step {stage!r}: no such stage in stages.STAGES")
         inputs = inputs or {}
         _check_input_names(stage, inputs)
         prefix = f"{self.recipe.name}:"

@@ -31,6 +31,10 @@ def stage(name: str) -> ModuleType:
     return stages.load_stage(name)
 
 
+def stage_names() -> list[str]:
+    return list(stages.STAGES)
+
+
 def planners() -> list[ModuleType]:
     """Stage modules in registry order, for the planner's hooks."""
     return [stages.load_stage(name) for name in stages.STAGES]

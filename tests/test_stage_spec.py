@@ -155,3 +155,5 @@ def test_the_planner_refuses_an_input_of_the_wrong_kind(tmp_path):
         graph.add("quantize.x", {"variant": {"name": "x", "kind": "int4"}, "gates": {}, "level": "basic"})
     with pytest.raises(RecipeError, match="input 'weights' is not one its stage declares"):
         graph.add("export", {"opset": 18}, {"weights": "fetch"})
+    with pytest.raises(RecipeError, match="step 'exprot': no such stage"):
+        graph.add("exprot", {"opset": 18}, {"model": "fetch"})
