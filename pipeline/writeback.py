@@ -44,13 +44,14 @@ def record_failure(plan: RecipePlan, outcome: RecipeOutcome, store: Store) -> st
         "mlflow.runName": f"{plan.name} v{plan.source.version} ({outcome.status.replace('_', ' ')})",
     }
     run = client.create_run(experiment_id, tags=tags)
-    gate = next((s for s in outcome.steps if s.stage == "gate" and s.key), None)
-    entry = store.lookup(gate.key) if gate else None
+    # The step whose verdict failed the recipe (the runner's one notion of a gate): its files say why.
+    judged = next((s for s in outcome.steps if s.key and (s.summary.get("verdict") or {}).get("passed") is False), None)
+    entry = store.lookup(judged.key) if judged else None
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "outcome.json"
         summary.write_text(json.dumps({"status": outcome.status, "reason": outcome.reason}, indent=2))
         client.log_artifact(run.info.run_id, str(summary), artifact_path="kiln")
         if entry is not None:
-            client.log_artifact(run.info.run_id, str(entry.out / "verdicts.json"), artifact_path="kiln")
+            client.log_artifacts(run.info.run_id, str(entry.out), artifact_path=f"kiln/{judged.stage}")
     client.set_terminated(run.info.run_id, status="FAILED")
     return run.info.run_id

@@ -93,6 +93,8 @@ def test_write_back_moves_the_alias_only_when_gates_pass(served, tmp_path):
     failed = client.search_runs([experiment.experiment_id], "tags.`kiln.recipe` = 'wb-strict'")
     assert failed and failed[0].info.status == "FAILED"
     assert failed[0].data.tags["kiln.status"] == "gate_failed" and "atol 0" in failed[0].data.tags["kiln.reason"]
+    logged = [a.path for a in client.list_artifacts(failed[0].info.run_id, "kiln/gate")]
+    assert "kiln/gate/verdicts.json" in logged, logged  # the failing gate's verdicts, with the run that failed
 
 
 def _watch_once(recipes: Path, uri: str, artifacts: str):
