@@ -122,6 +122,11 @@ class Graph:
         """The planned steps whose name starts with prefix (e.g. every `serve.` target), in planning order."""
         return [name for name in self.steps if name.startswith(prefix)]
 
+    @property
+    def source_options(self) -> dict[str, str]:
+        """How the original model is loaded and called (the TensorFlow signature to use), for every step that does."""
+        return {"signature": self.recipe.source.signature}
+
     def resolve(self, value: str) -> Path:
         return resolve_path(self.recipe_path, value)
 

@@ -227,7 +227,7 @@ def plan(graph) -> None:
     recipe = graph.recipe
     config = {"data": recipe.validation.data.model_dump(mode="json"),
               "inputs": [t.model_dump(mode="json") for t in recipe.inputs] if recipe.inputs else None,
-              "outputs": recipe.outputs, "source_options": {"signature": recipe.source.signature}}
+              "outputs": recipe.outputs, "source_options": graph.source_options}
     files: dict[str, str] = {}
     context: dict = {"tracking_uri": graph.source.tracking_uri}
     if recipe.validation.data.source == "npz":

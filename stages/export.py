@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, create_model
+from pydantic import ConfigDict, Field, create_model
 
 from pipeline.errors import ModelError, RecipeError, first_line
 from pipeline.schema import StageConfig, Strict
@@ -29,14 +29,23 @@ def _framework_fields() -> dict[str, tuple]:
     return fields
 
 
-class _Common(Strict):
+# The recipe's `export` section: the ONNX opset, plus each framework's own options (e.g. PyTorch's exporter).
+FRAMEWORK_FIELDS = _framework_fields()
+
+
+class Options(create_model("FrameworkExportOptions", __base__=Strict, **FRAMEWORK_FIELDS)):
+    """The recipe's `export` section: the ONNX opset, plus each framework's own options (e.g. PyTorch's exporter)."""
+
+    model_config = ConfigDict(title="Export")
     opset: int = Field(18, ge=7, le=23)
 
 
-# The recipe's `export` section: the ONNX opset, plus each framework's own options (e.g. PyTorch's exporter).
-Options = create_model("Export", __base__=_Common, **_framework_fields())
-Config = create_model("ExportConfig", __base__=StageConfig, opset=(int, Field(18, ge=7, le=23)),
-                      source_options=(dict[str, str], Field(default_factory=dict)), **_framework_fields())
+class Config(Options, StageConfig):
+    source_options: dict[str, str] = Field(default_factory=dict, description="How the original model is loaded")
+
+    model_config = ConfigDict(title="ExportConfig")
+
+
 INPUTS = {"model": artifacts.SOURCE, "data": artifacts.SAMPLES}
 OUTPUT = artifacts.ONNX
 
@@ -187,11 +196,14 @@ def keyed(config, inputs: dict[str, Path]) -> dict:
     """What the step's key hashes: the options of the model's own framework only, so a TensorFlow model's export is
     not keyed (or re-run) on the PyTorch exporter it never uses."""
     own = frameworks.export_options().get(artifacts.flavor(inputs["model"]))
-    others = set(_framework_fields()) - set(own.model_fields if own else ())
+    others = set(FRAMEWORK_FIELDS) - set(own.model_fields if own else ())
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in others}
 
 
+def step_config(graph, **overrides) -> dict:
+    """The recipe's export options, e.g. with another exporter for a tuning candidate."""
+    return {**graph.recipe.export.model_dump(mode="json"), **overrides, "source_options": graph.source_options}
+
+
 def plan(graph) -> None:
-    recipe = graph.recipe
-    graph.add("export", {**recipe.export.model_dump(mode="json"), "source_options": {"signature": recipe.source.signature}},
-              {"model": "fetch", "data": "data"})
+    graph.add("export", step_config(graph), {"model": "fetch", "data": "data"})

@@ -83,6 +83,6 @@ def plan(graph) -> None:
     for target in recipe.serving.targets:
         config = {"target": target, "config": getattr(recipe.serving, target).model_dump(mode="json"),
                   "model_name": recipe.name, "latency_gates": recipe.gates.latency.model_dump(mode="json"),
-                  "source_options": {"signature": recipe.source.signature}, "bundle_dest": str(graph.bundle_dest)}
+                  "source_options": graph.source_options, "bundle_dest": str(graph.bundle_dest)}
         graph.add(f"serve.{target}", config, {"model": "fetch", "data": "data", "onnx": chosen.model,
                                                "metrics": chosen.metrics}, after=[chosen.verdicts])

@@ -33,7 +33,7 @@ from pipeline import hardware
 from pipeline.errors import ModelError, first_line
 from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
-from stages import artifacts, gate, latency, machine, onnx_runtime, optimize, quantize
+from stages import artifacts, export, gate, latency, machine, onnx_runtime, optimize, quantize
 from stages.frameworks.pytorch import Exporter
 from stages.tensors import ModelSpec, batch_of, chunked_outputs
 
@@ -451,9 +451,8 @@ def _exported(graph, exporter: str) -> str:
     recipe = graph.recipe
     if exporter == recipe.export.exporter:
         return "export"
-    return graph.add(f"export.{exporter}", {**recipe.export.model_dump(mode="json"), "exporter": exporter,
-                                            "source_options": {"signature": recipe.source.signature}},
-                     {"model": "fetch", "data": "data"}, optional=True)
+    return graph.add(f"export.{exporter}", export.step_config(graph, exporter=exporter), {"model": "fetch", "data": "data"},
+                     optional=True)
 
 
 def _fusion_candidates(graph, exporter: str, exported: str, index: int, fusion, kinds: set[str],

@@ -193,12 +193,12 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     }
 
 
-def config_for(recipe) -> dict:
+def config_for(graph) -> dict:
     """The validation settings every candidate is measured with."""
-    validation = recipe.validation
+    validation = graph.recipe.validation
     return {"latency": validation.latency.model_dump(mode="json"), "shape_sweep": validation.shape_sweep,
             "localize": validation.localize.model_dump(mode="json"),
-            "source_options": {"signature": recipe.source.signature}}
+            "source_options": graph.source_options}
 
 
 def plan_candidate(graph, candidate) -> None:
@@ -206,4 +206,4 @@ def plan_candidate(graph, candidate) -> None:
     inputs = {"model": "fetch", "data": "data", "onnx": candidate.model, "exported": candidate.exported}
     if candidate.session:
         inputs["session"] = candidate.session
-    candidate.metrics = graph.add(f"validate{candidate.suffix}", config_for(graph.recipe), inputs)
+    candidate.metrics = graph.add(f"validate{candidate.suffix}", config_for(graph), inputs)
