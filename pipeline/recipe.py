@@ -11,6 +11,7 @@ Relative paths inside a recipe are resolved against the recipe file's folder.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -116,6 +117,21 @@ class Recipe(Strict):
             if len(set(names)) != len(names):
                 raise ValueError("inputs: tensor names must be unique")
         return self
+
+
+def json_schema() -> dict:
+    """The recipe's JSON Schema (`kiln schema`). Sections defined as a module's `Config` are listed under their
+    titles (TritonTarget, Optimize, ...), not pydantic's module-qualified names."""
+    schema = Recipe.model_json_schema()
+    titles = [d.get("title") for d in schema["$defs"].values()]
+    renamed = {old: d["title"] for old, d in schema["$defs"].items()
+               if d.get("title") not in (None, old) and titles.count(d["title"]) == 1 and d["title"] not in schema["$defs"]}
+    text = json.dumps(schema)
+    for old, new in renamed.items():
+        text = text.replace(f'"#/$defs/{old}"', f'"#/$defs/{new}"')
+    schema = json.loads(text)
+    schema["$defs"] = {renamed.get(k, k): v for k, v in schema["$defs"].items()}
+    return schema
 
 
 def _field_path(error: dict) -> str:

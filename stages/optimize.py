@@ -11,7 +11,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from pipeline.errors import ModelError
 from pipeline.schema import StageConfig, Strict
@@ -30,6 +30,8 @@ class TransformerFusion(Strict):
 
 class Config(StageConfig):
     """The recipe's `optimize` section, and one fusion option of `tune.space.fusion`."""
+
+    model_config = ConfigDict(extra="forbid", title="Optimize")
 
     level: Level = Field(
         "extended", description="ONNX Runtime offline graph optimization level ('all' adds CPU-layout-specific ops)"

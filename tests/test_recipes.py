@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 from conftest import RECIPES, kiln
-from pipeline.recipe import Recipe, load_recipe
+from pipeline.recipe import Recipe, json_schema, load_recipe
 
 
 def test_example_recipes_are_valid():
@@ -18,7 +18,8 @@ def test_cli_validate_and_schema():
     schema = json.loads(kiln("schema").stdout)
     assert schema["title"] == "Recipe"
     assert schema["additionalProperties"] is False
-    assert schema == Recipe.model_json_schema()
+    assert schema == json_schema()
+    assert {"TritonTarget", "TorchServeTarget", "TfServingTarget", "Optimize", "Export"} <= set(schema["$defs"])
 
 
 def test_version_uri_and_defaults():

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import numpy as np
 import yaml
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from pipeline.errors import KilnError, ModelError
 from pipeline.schema import Strict
@@ -26,6 +26,8 @@ from stages.targets import TargetContext
 
 class Config(Strict):
     """The original TensorFlow SavedModel for TensorFlow Serving (TensorFlow/Keras sources only)."""
+
+    model_config = ConfigDict(extra="forbid", title="TfServingTarget")
 
     max_batch_size: int = Field(32, ge=1)
     batch_timeout_micros: int | None = Field(None, ge=0, description="Default: from gates.latency.max_p95_ms")

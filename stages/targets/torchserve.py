@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.errors import KilnError, ModelError
 from pipeline.schema import Strict
@@ -35,6 +35,8 @@ from stages.targets.triton import TYPES, graph_io
 
 class Config(Strict):
     """ONNX Runtime inside TorchServe: a .mar with an onnxruntime handler, model-config.yaml, config.properties."""
+
+    model_config = ConfigDict(extra="forbid", title="TorchServeTarget")
 
     min_workers: int = Field(1, ge=1)
     max_workers: int = Field(1, ge=1)

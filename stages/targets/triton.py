@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.errors import ModelError
 from pipeline.schema import Strict
@@ -29,6 +29,8 @@ from stages.targets import TargetContext, expected_output_lines
 
 class Config(Strict):
     """ONNX Runtime inside Triton Inference Server: a model repository with config.pbtxt."""
+
+    model_config = ConfigDict(extra="forbid", title="TritonTarget")
 
     max_batch_size: int = Field(32, ge=0, description="0 turns batching off; > 0 needs a dynamic first axis")
     preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
