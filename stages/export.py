@@ -29,7 +29,6 @@ def _framework_fields() -> dict[str, tuple]:
     return fields
 
 
-# The recipe's `export` section: the ONNX opset, plus each framework's own options (e.g. PyTorch's exporter).
 FRAMEWORK_FIELDS = _framework_fields()
 
 
