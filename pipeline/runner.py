@@ -186,22 +186,22 @@ class _Run:
         result = self.results[step.recipe]
         try:
             result.delivery = deliver(entry.out, step.deliver_to)
-        except BundleTaken:
-            self.replan(step.recipe)
+        except BundleTaken as taken:
+            self.replan(step.recipe, taken)
             return
         except KilnError as exc:  # the bundle failed its last check against its manifest
             self.stop(step.recipe, "crashed", str(exc))
             return
         result.bundle, result.delivered = str(step.deliver_to), result.delivery == "published"
 
-    def replan(self, recipe: str) -> None:
+    def replan(self, recipe: str, taken: BundleTaken) -> None:
         """Another recipe's build published this version's folder while this one ran (both planned before either
         published). Bundles are immutable: plan again, for a folder of its own; what is built is found cached
         and only what holds the bundle's path (serving configs, the bundle) is built again."""
         old = self.plans[recipe]
         plan = self.plans[recipe] = plan_recipe(old.recipe, old.path, old.source, self.runner.settings)
-        if plan.bundle_dest == old.bundle_dest:  # cannot be: version_folder sees the other recipe's bundle there
-            self.stop(recipe, "crashed", f"{old.bundle_dest}: taken by another recipe's bundle")
+        if plan.bundle_dest == old.bundle_dest:  # its own folder holds something else: nowhere left to go
+            self.stop(recipe, "crashed", str(taken))
             return
         self.pending = [sid for sid in self.pending if self.steps[sid].recipe != recipe]
         for step in plan.steps:

@@ -111,25 +111,30 @@ class Store:
     def entry_path(self, key: str) -> Path:
         return self.steps / key[:2] / key
 
-    def _read(self, key: str) -> Entry | None:
-        """The entry for key if it is complete and its files still have their recorded sizes (not hashed)."""
+    def _load(self, key: str) -> Entry | None:
         path = self.entry_path(key)
         try:
-            meta = json.loads((path / META).read_text())
+            return Entry(key, path, json.loads((path / META).read_text()))
         except (OSError, ValueError):
             return None
-        for rel, info in meta.get("files", {}).items():
+
+    def _read(self, key: str) -> Entry | None:
+        """The entry for key if it is complete and its files still have their recorded sizes (not hashed)."""
+        entry = self._load(key)
+        if entry is None:
+            return None
+        for rel, info in entry.meta.get("files", {}).items():
             try:
-                if (path / "out" / rel).stat().st_size != info["bytes"]:
+                if (entry.out / rel).stat().st_size != info["bytes"]:
                     return None
             except OSError:
                 return None
-        return Entry(key, path, meta)
+        return entry
 
     def lookup(self, key: str) -> Entry | None:
-        """The entry for key if it is complete and every file matches its recorded sha256; a damaged entry is
-        evicted (recorded in self.evicted) and missed, so its step is built again."""
-        entry = self._read(key)
+        """The entry for key if every file matches its recorded sha256; an entry with a file missing, of another
+        size or with other content is evicted (recorded in self.evicted) and missed, so its step is built again."""
+        entry = self._load(key)
         if entry is None:
             return None
         damaged = self._verify_files(entry)
@@ -140,23 +145,25 @@ class Store:
         return None
 
     def _verify_files(self, entry: Entry) -> str | None:
-        """The first file of entry whose sha256 differs from meta.json, or None; hashes only what changed since
-        it was last found right, and records what it found right (atomically: concurrent runs share the file)."""
+        """None when every file of entry has its recorded sha256, else the first file that does not. One stat per
+        file: only a file whose stamp changed since its hash last matched is hashed, and what was
+        found right is recorded (atomically: concurrent runs share the file)."""
         try:
             known = json.loads((entry.path / VERIFIED).read_text())
         except (OSError, ValueError):
             known = {}
         fresh = {}
-        for rel, info in entry.meta["files"].items():
+        for rel, info in entry.meta.get("files", {}).items():
             path = entry.out / rel
             try:
                 stamp = _stamp(path)
-                if known.get(rel) != stamp:
-                    if sha256_file(path) != info["sha256"]:
-                        return rel
-                    fresh[rel] = stamp
             except OSError:
                 return rel
+            if known.get(rel) == stamp:  # recorded only when the hash matched, so the size matches too
+                continue
+            if stamp[0] != info["bytes"] or sha256_file(path) != info["sha256"]:
+                return rel
+            fresh[rel] = stamp
         if fresh:
             try:
                 write_json_atomic(entry.path / VERIFIED, {**known, **fresh})

@@ -257,3 +257,81 @@ def test_the_same_build_delivered_twice_at_once_is_already_identical(tmp_path):
     src = _bundle(tmp_path / "a", "A", "a" * 64)
     got = _race(tmp_path, [src, src], 100)
     assert all(sorted(r) == [("identical", "v1"), ("published", "v1")] for r in got.values()), got
+
+
+# --- row 1 through the real CLI ----------------------------------------------------------------------------------
+
+def _entry_out(artifacts: Path, summary: dict, stage: str) -> Path:
+    (step,) = [s for r in summary["recipes"] for s in r["steps"] if s["stage"] == stage]
+    return artifacts / "store" / "steps" / step["key"][:2] / step["key"] / "out"
+
+
+@pytest.mark.slow
+def test_kiln_run_rebuilds_a_tampered_model_and_input_and_publishes_a_correct_bundle(registry, tmp_path):
+    from conftest import RECIPES, kiln, run_json, write_recipe
+    from pipeline.hashing import sha256_file
+
+    artifacts = tmp_path / "artifacts"
+    recipe = write_recipe(tmp_path / "digits-cnn.yaml", RECIPES / "digits-cnn.yaml", {})
+    result, first = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert result.returncode == 0, result.stderr[-3000:]
+    optimized = _entry_out(artifacts, first, "optimize") / "model.onnx"
+    good = optimized.read_bytes()
+    _flip_one_byte(optimized)  # the model the bundle publishes
+    _flip_one_byte(_entry_out(artifacts, first, "export") / "model.onnx")  # optimize's cached input
+    # A gate edit: publish runs again, and would copy the damaged model into a bundle that PASSED.
+    edited = write_recipe(tmp_path / "edited.yaml", recipe, {"min_top1: 0.99": "min_top1: 0.98"})
+    result, summary = run_json(str(edited), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if line.startswith("kiln store:")]
+    assert "kiln store: digits-cnn:export: cached model.onnx does not match its recorded sha256" in said[0], said
+    steps = {s["stage"]: s for s in summary["recipes"][0]["steps"]}
+    assert steps["export"]["evicted"] == "model.onnx" and steps["export"]["status"] == steps["optimize"]["status"] == "ran"
+    if steps["optimize"]["key"] == optimized.parent.parent.name:  # export gave the same bytes again
+        assert steps["optimize"]["evicted"] == "model.onnx" and len(said) == 2, said
+    outcome = summary["recipes"][0]
+    bundle = Path(outcome["bundle"])
+    assert outcome["status"] == "passed" and outcome["delivered"] and bundle.name.startswith("v1-")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["gates"]["passed"] and manifest["recipe"]["sha256"].startswith(bundle.name[3:])
+    for rel, info in manifest["files"].items():
+        assert sha256_file(bundle / rel) == info["sha256"]
+    assert (bundle / "model.onnx").read_bytes() == _entry_out(artifacts, summary, "optimize").joinpath("model.onnx").read_bytes()
+    assert (bundle / "model.onnx").read_bytes() != _flipped(good)
+    first_bundle = Path(first["recipes"][0]["bundle"])
+    assert first_bundle.name == "v1" and json.loads((first_bundle / "manifest.json").read_text())["recipe"]["sha256"] \
+        != manifest["recipe"]["sha256"]  # the first build's v1 is untouched
+    assert kiln("verify-store", "--artifacts", str(artifacts)).returncode == 0
+
+
+def _flipped(data: bytes) -> bytes:
+    data = bytearray(data)
+    data[len(data) // 2] ^= 0x01
+    return bytes(data)
+
+
+def test_a_build_whose_folder_another_recipe_published_meanwhile_is_planned_again(tmp_path, monkeypatch):
+    """Two different builds of one source version planned at once both aim at v1; the one that delivers second
+    is planned again by the runner and publishes into a folder of its own."""
+    import stages
+    from fixtures.toy_bundle import RIVAL
+    from pipeline.deliver import recipe_of
+    from pipeline.executor import InlineExecutor
+    from pipeline.mlflow_registry import SourceRef
+    from pipeline.plan import plan_recipe
+    from pipeline.recipe import Recipe
+    from pipeline.runner import Runner
+    from pipeline.settings import Settings
+
+    monkeypatch.setattr(stages, "STAGES", {"toy_bundle": "fixtures.toy_bundle"})
+    recipe = Recipe.model_validate({"name": "r", "source": {"uri": "models:/m/1"}})
+    source = SourceRef("models:/m/1", "sqlite://", "m", "1", None, "", 0)
+    settings = Settings(tmp_path / "artifacts")
+    plan = plan_recipe(recipe, tmp_path / "r.yaml", source, settings)
+    assert plan.bundle_dest.name == "v1"
+    (outcome,) = Runner(settings, InlineExecutor()).run([plan]).recipes
+    folder = settings.bundles / "r"
+    assert outcome.status == "passed" and outcome.delivered
+    assert Path(outcome.bundle) == folder / f"v1-{plan.steps[0].config.recipe_sha256[:12]}"
+    assert recipe_of(folder / "v1") == RIVAL and (folder / "v1" / "model.onnx").read_text() == "rival build"
+    assert recipe_of(Path(outcome.bundle)) == plan.steps[0].config.recipe_sha256

@@ -109,15 +109,22 @@ def test_second_run_is_all_cached(built, registry):
 
 
 def test_changing_a_gate_threshold_reruns_only_gate_and_publish(built, registry, tmp_path):
-    artifacts, _ = built
+    artifacts, first = built
     recipe = write_recipe(
         tmp_path / "digits.yaml", RECIPES / "digits-cnn.yaml", {"min_top1: 0.99": "min_top1: 0.98"}
     )
     result, summary = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 0, result.stderr
-    # validate measures and gate judges: a threshold change re-judges, it does not re-measure
-    assert [s.split(":")[1] for s in steps_by_status(summary, "ran")] == ["gate", "publish"]
-    assert summary["recipes"][0]["delivered"] is True
+    # validate measures and gate judges: a threshold change re-judges, it does not re-measure. The edited recipe
+    # publishes into a folder of its own (v1 is immutable), so the serving files that hold the bundle's path
+    # (TorchServe's, TF Serving's) are written again; Triton's hold none and stay cached.
+    assert sorted(s.split(":")[1] for s in steps_by_status(summary, "ran")) == [
+        "gate", "publish", "serve.tf_serving", "serve.torchserve"]
+    outcome = summary["recipes"][0]
+    assert outcome["delivered"] is True and Path(outcome["bundle"]).name.startswith("v1-")
+    v1 = next(Path(r["bundle"]) for r in first["recipes"] if r["recipe"] == "digits-cnn")
+    assert json.loads((v1 / "manifest.json").read_text())["recipe"]["sha256"] != \
+        json.loads((Path(outcome["bundle"]) / "manifest.json").read_text())["recipe"]["sha256"]
 
 
 def test_impossible_parity_gate_exits_1_and_publishes_nothing(built, registry, tmp_path):

@@ -52,8 +52,8 @@ def test_damaged_entry_is_a_miss_and_is_replaced(tmp_path):
     store = Store(tmp_path)
     entry = _build(store, "aa" * 32)
     (entry.out / "a.bin").write_bytes(b"truncated!")  # size changed by hand
-    assert store.lookup("aa" * 32) is None
     assert store.verify()
+    assert store.lookup("aa" * 32) is None and store.evicted == {"aa" * 32: "a.bin"}
     _build(store, "aa" * 32)
     assert store.lookup("aa" * 32) is not None and store.verify() == []
 
