@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_env
+from conftest import ROOT, base_env, process_alive
 from pipeline.deliver import BundleTaken, deliver
 from pipeline.store import Store
 
@@ -31,28 +31,20 @@ time.sleep(300)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")  # a zombie has exited; only its parent (init here) can reap it
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigkill_of_the_runner_leaves_no_worker_alive(tmp_path):
     runner = subprocess.Popen([sys.executable, "-c", _RUNNER], cwd=ROOT, env=base_env(), stdout=subprocess.PIPE,
                               text=True, start_new_session=True)
     try:
         workers = [int(pid) for pid in runner.stdout.readline().split()]
-        assert workers and all(_alive(pid) for pid in workers)
+        assert workers and all(process_alive(pid) for pid in workers)
         time.sleep(0.5)  # the sleep(300) task is running in a worker now
         os.kill(runner.pid, signal.SIGKILL)  # the runner only, not its process group
         runner.wait(timeout=10)
         deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(process_alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in workers if _alive(pid)], "workers outlived their runner"
+        assert not [pid for pid in workers if process_alive(pid)], "workers outlived their runner"
     finally:
         try:
             os.killpg(runner.pid, signal.SIGKILL)
