@@ -58,7 +58,15 @@ def build(plans: list[RecipePlan], settings: Settings, executor: str | None = No
 
     # Unless given here, where steps run comes from the settings (so `watch` and `ci` builds use it too).
     executor = make_executor(executor or settings.executor, jobs or settings.jobs, settings.store_url)
-    runner = Runner(settings, executor, on_event)
+
+    def events(kind, outcome):
+        if kind == "evicted":  # said by every kind of build (run, ci, watch, webhook), on the warning channel
+            warn(f"kiln store: {outcome.step}: cached {outcome.evicted} does not match its recorded sha256; "
+                 "entry evicted, building it again")
+        if on_event is not None:
+            on_event(kind, outcome)
+
+    runner = Runner(settings, executor, events)
     summary = runner.run(plans)
     by_name = {p.name: p for p in plans}
     for outcome in summary.recipes:

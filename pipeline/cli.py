@@ -130,7 +130,8 @@ def run(recipes, artifacts, tracking_uri, as_json, jobs, executor, store_url) ->
 def _print_outcomes(console, summary) -> None:
     for result in summary.recipes:
         if result.status == "passed":
-            state = "published" if result.delivered else "up to date"
+            state = {"published": "published", "kept": "up to date (an earlier build of this recipe, kept: bundles "
+                     "are immutable)"}.get(result.delivery, "up to date")
             console.print(f"[green]{result.recipe}[/]: passed, {state}: {result.bundle}/  (report.md, manifest.json)")
         else:
             click.echo(f"kiln: {result.recipe}: {result.status.replace('_', ' ')}: {result.reason}", err=True)

@@ -8,7 +8,12 @@ the inputs by key into the local store at `store_root` and pushes the outputs (p
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -39,15 +44,17 @@ class Task:
 
 
 def _inputs(task: Task, store) -> dict[str, Path]:
-    """Where the step reads its inputs: the upstream out folders, pulled into this worker's store if need be."""
-    if not task.store_url:
-        return {n: Path(p) for n, p in task.inputs.items()}
+    """Where the step reads its inputs: the upstream out folders (pulled into this worker's store if need be),
+    each verified against its recorded sha256 now, just before use (cheap when untouched: see pipeline/store.py)."""
     found = {}
     for name, key in task.input_keys.items():
         entry = store.lookup(key)
         if entry is None or entry.output_hash != task.input_hashes[name]:
-            raise StageCrashed(f"{task.step_id}: input {name} (entry {key[:12]}) is not in {task.store_url} as the "
-                               "runner saw it; was the shared store cleaned during the run?")
+            damaged = store.evicted.get(key)
+            where = task.store_url or task.store_root
+            why = (f"its {damaged} no longer matches its recorded sha256 (evicted)" if damaged
+                   else f"it is not in {where} as the runner saw it (was the store cleaned during the run?)")
+            raise StageCrashed(f"{task.step_id}: input {name} (entry {key[:12]}): {why}; run again to rebuild it")
         found[name] = entry.out
     return found
 
@@ -116,10 +123,36 @@ class InlineExecutor:
         pass
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a worker must not outlive the runner that started it (a runner killed with SIGKILL
+    cannot shut its pool down; its workers would finish their step and then wait forever, holding their memory).
+    Linux: the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG). Everywhere, and for the moment
+    before prctl took effect: a thread that exits when the parent is gone (re-parented: getppid changes)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still covers it
+    if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
+        os._exit(1)
+
+    def watchdog() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="kiln-parent-watchdog", daemon=True).start()
+
+
 class LocalProcessExecutor:
     """Runs steps in worker processes on this machine (the default). A stage that crashes the interpreter
     (a segfault in a native library) fails its step, not the run. Workers stay up between steps, so a
-    framework is imported once per worker, not once per step."""
+    framework is imported once per worker, not once per step. Workers die with the runner, even one killed
+    with SIGKILL (`_die_with_parent`; PR_SET_PDEATHSIG fires when the *thread* that spawned the worker ends:
+    the pool spawns in the thread that submits, the runner's, which outlives the pool); `shutdown` joins them."""
 
     def __init__(self, jobs: int = 1):
         self.jobs = self.capacity = jobs
@@ -128,7 +161,8 @@ class LocalProcessExecutor:
     def _ensure(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn, not fork: forking a process that already loaded torch/onnxruntime threads is unsafe.
-            self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_die_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def submit(self, task: Task) -> Future:

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pipeline import registry
+from pipeline.deliver import version_folder
 from pipeline.errors import RecipeError
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.mlflow_registry import SourceRef
@@ -81,8 +82,9 @@ class Graph:
 
     def __init__(self, recipe: Recipe, recipe_path: Path, source: SourceRef, dest_root: Path):
         self.recipe, self.recipe_path, self.source, self.dest_root = recipe, recipe_path, source, dest_root
-        self.bundle_dest = dest_root / recipe.name / f"v{source.version}"
         self.recipe_digest = recipe_digest(recipe)
+        # Bundles are immutable: another recipe's build of this version gets its own folder (pipeline/deliver.py).
+        self.bundle_dest = version_folder(dest_root / recipe.name, source.version, self.recipe_digest)
         self.steps: dict[str, Step] = {}
         self.candidates: dict[str, Candidate] = {}
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 from pipeline.errors import BadInput, KilnError
 from pipeline.hashing import file_table, sha256_file, tree_hash
-from pipeline.store import Entry, Store
+from pipeline.store import Entry, Store, move_aside
 
 _LOCAL_ONLY = ("memory",)
 
@@ -170,6 +169,7 @@ class MirroredStore:
         self.local = local
         self.remote = remote
         self.root = local.root
+        self.evicted = local.evicted  # the local copy is verified as a Store verifies; a damaged one is pulled again
 
     def lookup(self, key: str) -> Entry | None:
         entry = self.local.lookup(key)
@@ -180,9 +180,7 @@ class MirroredStore:
             shared = self.remote.push(entry.out, entry.meta)
         if shared["output_hash"] != entry.output_hash:
             # Another complete build of the key got into the shared store first; it is the one everyone uses.
-            aside = entry.path.with_name(f"{key}.damaged.{uuid.uuid4().hex[:8]}")
-            os.rename(entry.path, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+            move_aside(entry.path)
             return self.remote.pull(key, self.local)
         return entry
 

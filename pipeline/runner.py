@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.deliver import deliver
+from pipeline.deliver import BundleTaken, deliver
 from pipeline.errors import BadInput, GateFailed, KilnError, StageCrashed
 from pipeline.executor import Executor, Task
-from pipeline.plan import RecipePlan, Step, step_key, step_tools
+from pipeline.plan import RecipePlan, Step, plan_recipe, step_key, step_tools
 from pipeline.settings import Settings
 from pipeline import open_store
 from pipeline.store import Entry
@@ -32,6 +32,7 @@ class StepOutcome:
     status: str = "pending"  # cached | ran | failed | skipped | pending
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    evicted: str | None = None  # its cached entry's file that failed verification (the entry was rebuilt)
 
 
 @dataclass
@@ -43,7 +44,8 @@ class RecipeOutcome:
     status: str = "passed"  # passed | gate_failed | bad_input | crashed | unschedulable
     reason: str | None = None
     bundle: str | None = None
-    delivered: bool = False
+    delivered: bool = False  # published by this run (False: the bundle was there already)
+    delivery: str | None = None  # published | identical | kept (another build of this recipe is there: immutable)
     steps: list[StepOutcome] = field(default_factory=list)
 
     @property
@@ -145,6 +147,7 @@ class _Run:
 
     def __init__(self, runner: Runner, plans: list[RecipePlan]):
         self.runner = runner
+        self.plans = {p.name: p for p in plans}
         self.results = {p.name: RecipeOutcome(p.name, str(p.path), p.source.uri, p.source.version) for p in plans}
         self.steps = {s.id: s for p in plans for s in p.steps}
         self.outcomes = {sid: StepOutcome(sid, s.stage) for sid, s in self.steps.items()}
@@ -177,8 +180,35 @@ class _Run:
         if verdict is not None and not verdict.get("passed", False):
             self.stop(step.recipe, "gate_failed", verdict.get("reason", f"{sid} failed"))
         elif step.deliver_to is not None:
-            self.results[step.recipe].bundle = str(step.deliver_to)
-            self.results[step.recipe].delivered = deliver(entry.out, step.deliver_to)
+            self.deliver(step, entry)
+
+    def deliver(self, step: Step, entry: Entry) -> None:
+        result = self.results[step.recipe]
+        try:
+            result.delivery = deliver(entry.out, step.deliver_to)
+        except BundleTaken as taken:
+            self.replan(step.recipe, taken)
+            return
+        except KilnError as exc:  # the bundle failed its last check against its manifest
+            self.stop(step.recipe, "crashed", str(exc))
+            return
+        result.bundle, result.delivered = str(step.deliver_to), result.delivery == "published"
+
+    def replan(self, recipe: str, taken: BundleTaken) -> None:
+        """Another recipe's build published this version's folder while this one ran (both planned before either
+        published). Bundles are immutable: plan again, for a folder of its own; what is built is found cached
+        and only what holds the bundle's path (serving configs, the bundle) is built again."""
+        old = self.plans[recipe]
+        plan = self.plans[recipe] = plan_recipe(old.recipe, old.path, old.source, self.runner.settings)
+        if plan.bundle_dest == old.bundle_dest:  # its own folder holds something else: nowhere left to go
+            self.stop(recipe, "crashed", str(taken))
+            return
+        self.pending = [sid for sid in self.pending if self.steps[sid].recipe != recipe]
+        for step in plan.steps:
+            self.steps[step.id], self.outcomes[step.id] = step, StepOutcome(step.id, step.stage)
+            self.entries.pop(step.id, None)
+            self.pending.append(step.id)
+        self.results[recipe].steps = [self.outcomes[s.id] for s in plan.steps]
 
     def failed(self, sid: str, error: str) -> None:
         self.outcomes[sid].status = "failed"
@@ -213,6 +243,10 @@ class _Run:
         key = step_key(step, inputs)
         self.outcomes[step.id].key = key
         entry = self.runner.store.lookup(key)
+        damaged = self.runner.store.evicted.pop(key, None)
+        if damaged is not None:  # verified before use: a tampered or rotted entry is never reused
+            self.outcomes[step.id].evicted = damaged
+            self.runner.on_event("evicted", self.outcomes[step.id])
         if entry is not None:
             self.finished(step.id, entry, cached=True)
         elif key in self.by_key:

@@ -42,6 +42,15 @@ def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return targets.target(config.target).tools(config, inputs)
 
 
+def keyed(config: Config, inputs: dict[str, Path]) -> dict:
+    """What the key hashes: the bundle's path only for targets whose files hold it (stages/targets/__init__.py),
+    so a recipe edit, which publishes into a new immutable bundle folder, rebuilds no other target's files."""
+    keyed = config.model_dump(mode="json")
+    if not getattr(targets.target(config.target), "USES_BUNDLE_PATH", True):
+        del keyed["bundle_dest"]
+    return keyed
+
+
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     spec = artifacts.spec(inputs["data"])
     feeds = artifacts.inputs(inputs["data"])

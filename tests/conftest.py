@@ -46,6 +46,14 @@ def kiln(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cw
     )
 
 
+def process_alive(pid: int) -> bool:
+    """Whether pid runs (Linux /proc); a zombie has exited, only its parent (init, here) can still reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def run_json(*args: str, **kwargs):
     result = kiln("run", "--json", *args, **kwargs)
     summary = json.loads(result.stdout) if result.stdout.strip().startswith("{") else None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RECIPES, ROOT, base_env, kiln
+from conftest import RECIPES, ROOT, base_env, kiln, process_alive
 from pipeline.hashing import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -52,3 +52,39 @@ def test_sigkill_at_random_moments(registry, tmp_path):
     assert result.returncode == 0, result.stderr
     assert _bundles_whole(artifacts) == 3
     assert not any((artifacts / "store" / "tmp").iterdir())  # stale build folders were cleaned
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigkill_of_the_runner_alone_leaves_no_worker_alive(registry, tmp_path):
+    """Only the runner is killed (not its process group): its workers must not finish their steps as orphans."""
+    args = [sys.executable, "-m", "pipeline", "run", str(RECIPES), "--jobs", "2", "--tracking-uri", registry,
+            "--artifacts", str(tmp_path / "artifacts")]
+    process = subprocess.Popen(args, cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(process.pid)) < 2 and time.monotonic() < deadline:  # workers up, steps running
+            time.sleep(0.5)
+        time.sleep(3)
+        workers = _children(process.pid)
+        assert len(workers) >= 2, "the run started no worker processes"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        time.sleep(5)
+        assert [pid for pid in workers if process_alive(pid)] == []
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -109,15 +109,22 @@ def test_second_run_is_all_cached(built, registry):
 
 
 def test_changing_a_gate_threshold_reruns_only_gate_and_publish(built, registry, tmp_path):
-    artifacts, _ = built
+    artifacts, first = built
     recipe = write_recipe(
         tmp_path / "digits.yaml", RECIPES / "digits-cnn.yaml", {"min_top1: 0.99": "min_top1: 0.98"}
     )
     result, summary = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 0, result.stderr
-    # validate measures and gate judges: a threshold change re-judges, it does not re-measure
-    assert [s.split(":")[1] for s in steps_by_status(summary, "ran")] == ["gate", "publish"]
-    assert summary["recipes"][0]["delivered"] is True
+    # validate measures and gate judges: a threshold change re-judges, it does not re-measure. The edited recipe
+    # publishes into a folder of its own (v1 is immutable), so the serving files that hold the bundle's path
+    # (TorchServe's, TF Serving's) are written again; Triton's hold none and stay cached.
+    assert sorted(s.split(":")[1] for s in steps_by_status(summary, "ran")) == [
+        "gate", "publish", "serve.tf_serving", "serve.torchserve"]
+    outcome = summary["recipes"][0]
+    assert outcome["delivered"] is True and Path(outcome["bundle"]).name.startswith("v1-")
+    v1 = next(Path(r["bundle"]) for r in first["recipes"] if r["recipe"] == "digits-cnn")
+    assert json.loads((v1 / "manifest.json").read_text())["recipe"]["sha256"] != \
+        json.loads((Path(outcome["bundle"]) / "manifest.json").read_text())["recipe"]["sha256"]
 
 
 def test_impossible_parity_gate_exits_1_and_publishes_nothing(built, registry, tmp_path):
@@ -133,3 +140,35 @@ def test_impossible_parity_gate_exits_1_and_publishes_nothing(built, registry, t
     assert len(lines) == 1
     assert "output 'last_hidden_state'" in lines[0] and "exceeds atol 0" in lines[0]
     assert not (artifacts / "bundles" / "bert-strict").exists()
+
+
+def test_two_different_builds_of_one_version_at_once_publish_two_immutable_bundles(built, registry, tmp_path):
+    """Both planned before either published, so both aim at v1: one gets it, the other is planned again by its
+    runner and publishes into v1-<its recipe digest>; neither replaces the other."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, base_env
+
+    artifacts, _ = built
+    recipes = [write_recipe(tmp_path / f"race-{n}.yaml", RECIPES / "digits-cnn.yaml",
+                            {"name: digits-cnn": "name: digits-race", "min_top1: 0.99": f"min_top1: 0.9{n}"})
+               for n in (7, 8)]
+    runs = [subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--json", str(r), "--tracking-uri", registry,
+                              "--artifacts", str(artifacts)], cwd=ROOT, env=base_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for r in recipes]
+    outcomes = []
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-3000:]
+        outcomes.append(json.loads(out)["recipes"][0])
+    bundles = sorted(Path(o["bundle"]) for o in outcomes)
+    assert all(o["delivered"] for o in outcomes) and len(set(bundles)) == 2
+    assert [b.name for b in bundles][0] == "v1" and bundles[1].name.startswith("v1-")
+    digests = {json.loads((b / "manifest.json").read_text())["recipe"]["sha256"] for b in bundles}
+    assert len(digests) == 2 and bundles[1].name[3:] in {d[:12] for d in digests}
+    for bundle in bundles:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert all(sha256_file(bundle / rel) == info["sha256"] for rel, info in manifest["files"].items())
+        config = (bundle / "serving" / "torchserve" / "config.properties").read_text()
+        assert f"model_store={bundle}/serving/torchserve/model-store" in config  # its own path, not the other's

@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from pipeline.deliver import deliver
+from pipeline.deliver import BundleTaken, deliver
+from pipeline.hashing import sha256_file
 from pipeline.store import Store
 
 
@@ -51,8 +52,8 @@ def test_damaged_entry_is_a_miss_and_is_replaced(tmp_path):
     store = Store(tmp_path)
     entry = _build(store, "aa" * 32)
     (entry.out / "a.bin").write_bytes(b"truncated!")  # size changed by hand
-    assert store.lookup("aa" * 32) is None
     assert store.verify()
+    assert store.lookup("aa" * 32) is None and store.evicted == {"aa" * 32: "a.bin"}
     _build(store, "aa" * 32)
     assert store.lookup("aa" * 32) is not None and store.verify() == []
 
@@ -75,25 +76,33 @@ def test_concurrent_writers_of_one_key_keep_the_first(tmp_path):
     assert not second.exists()
 
 
-def _bundle(path, text):
+def _bundle(path, text, recipe="r1"):
+    """A bundle as publish makes one: manifest.json lists every file with its sha256, and the recipe's digest."""
     path.mkdir(parents=True)
     (path / "model.onnx").write_text(text)
-    (path / "manifest.json").write_text(json.dumps({"v": text}))
+    files = {"model.onnx": {"sha256": sha256_file(path / "model.onnx"), "bytes": len(text)}}
+    (path / "manifest.json").write_text(json.dumps({"v": text, "recipe": {"sha256": recipe}, "files": files}))
     return path
 
 
-def test_deliver_replaces_atomically_and_skips_identical(tmp_path):
+def _visible(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_deliver_publishes_once_and_never_replaces(tmp_path):
     dest = tmp_path / "bundles" / "r" / "v1"
-    assert deliver(_bundle(tmp_path / "one", "1"), dest) is True
-    assert deliver(tmp_path / "one", dest) is False
-    assert deliver(_bundle(tmp_path / "two", "2"), dest) is True
-    assert (dest / "model.onnx").read_text() == "2"
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["v1"]
+    assert deliver(_bundle(tmp_path / "one", "1"), dest) == "published"
+    assert deliver(tmp_path / "one", dest) == "identical"
+    with pytest.raises(BundleTaken, match="another recipe"):
+        deliver(_bundle(tmp_path / "two", "2", recipe="r2"), dest)
+    assert deliver(_bundle(tmp_path / "again", "1 rebuilt"), dest) == "kept"  # same recipe, other bytes
+    assert (dest / "model.onnx").read_text() == "1"
+    assert _visible(dest.parent) == ["v1"]
 
 
-def test_deliver_interrupted_copy_leaves_old_bundle(tmp_path, monkeypatch):
+def test_deliver_interrupted_copy_publishes_nothing(tmp_path, monkeypatch):
     dest = tmp_path / "b" / "v1"
-    deliver(_bundle(tmp_path / "one", "1"), dest)
+
     def dying_copytree(src, dst, *args, **kwargs):
         os.makedirs(dst)
         shutil.copy2(os.path.join(src, "model.onnx"), dst)
@@ -101,15 +110,14 @@ def test_deliver_interrupted_copy_leaves_old_bundle(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shutil, "copytree", dying_copytree)
     with pytest.raises(KeyboardInterrupt):
-        deliver(_bundle(tmp_path / "two", "2"), dest)
+        deliver(_bundle(tmp_path / "one", "1"), dest)
     monkeypatch.undo()
+    assert not dest.exists() and _visible(dest.parent) == []
+    killed = dest.parent / f".v1.tmp.{2**22 + 1}.dead"  # what a SIGKILL mid-copy leaves (a dead pid)
+    killed.mkdir()
+    assert deliver(tmp_path / "one", dest) == "published"
     assert (dest / "model.onnx").read_text() == "1"
-    leftovers = [p for p in dest.parent.iterdir() if p.name != "v1"]
-    assert leftovers  # the hidden temp copy; ours (this pid) is still alive, so it is left for now
-    os.rename(leftovers[0], leftovers[0].with_name(f".v1.tmp.{2**22 + 1}.dead"))
-    deliver(tmp_path / "two", dest)
-    assert (dest / "model.onnx").read_text() == "2"
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["v1"]
+    assert not killed.exists() and _visible(dest.parent) == ["v1"]
 
 
 def test_an_optional_step_that_fails_leaves_its_consumer_running_without_it(tmp_path, monkeypatch):

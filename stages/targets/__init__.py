@@ -6,6 +6,8 @@
     build(ctx, config, out) -> dict             write the target's files under `out` (the bundle's
                                                 serving/<target>/ folder); return a summary with a "readme"
                                                 markdown section telling the serving team how to run it
+    USES_BUNDLE_PATH = False                    optional: the files hold no absolute bundle path (ctx.bundle_dest),
+                                                so a bundle moved to a new folder does not rebuild them
 
 A new serving target is a module plus an entry here; the recipe's `serving` section is assembled from them.
 """

@@ -61,6 +61,7 @@ class Config(Strict):
 
 
 PLATFORM = "onnxruntime_onnx"
+USES_BUNDLE_PATH = False  # the model repository is relative: config.pbtxt beside its version folder
 SHOWN_VALUES = 8  # expected output values quoted in the README
 
 # ONNX TensorProto element type -> (Triton data type, KServe-V2 datatype, numpy dtype). Strings and bfloat16
