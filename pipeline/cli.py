@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import BadInput, KilnError
+from pipeline.errors import BadInput, KilnError, first_line
 from pipeline.settings import Settings, quiet_environment
 
 
@@ -43,16 +43,32 @@ def _guard(func):
         except KilnError as exc:
             click.echo(f"kiln: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, still a code
-            log = Path(Settings.from_env().logs) / "kiln-crash.log"
+            # The log goes where this command keeps its artifacts (--artifacts / KILN_ARTIFACTS), not ./artifacts.
+            log = Path(Settings.from_env(kwargs.get("artifacts")).logs) / "kiln-crash.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(traceback.format_exc())
-            click.echo(f"kiln: internal error: {type(exc).__name__}: {exc} (traceback: {log})", err=True)
+            click.echo(f"kiln: internal error: {type(exc).__name__}: {first_line(exc)} (traceback: {log})", err=True)
             sys.exit(3)
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (`kiln plan ... | head -1`): stop quietly, as `cat` would (128 + SIGPIPE). stdout is
+    pointed at /dev/null first, or Python's own flush at exit would report the broken pipe once more."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor behind stdout (an in-process runner)
+        pass
+    sys.exit(141)
 
 
 common = [

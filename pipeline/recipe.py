@@ -22,7 +22,8 @@ from pipeline import registry
 from pipeline.errors import RecipeError
 from pipeline.schema import Slug, Strict
 
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+|latest))$")
+# No control characters in a name: it is written into serving configs and READMEs (a newline would start a line).
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@\x00-\x1f\x7f]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+|latest))")
 
 
 class Source(Strict):
@@ -33,7 +34,7 @@ class Source(Strict):
     @field_validator("uri")
     @classmethod
     def _model_uri(cls, value: str) -> str:
-        if not MODEL_URI.match(value):
+        if not MODEL_URI.fullmatch(value):
             raise ValueError(f"{value!r} is not models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
         return value
 
@@ -63,8 +64,17 @@ class Validation(Strict):
 
 
 class Publish(Strict):
-    dest: str | None = Field(None, description="Folder for bundles; default: <artifacts>/bundles")
+    dest: str | None = Field(None, description="Folder for bundles; default: <artifacts>/bundles. A relative path "
+                             "must stay inside the artifacts folder; anywhere else needs an absolute path")
     write_back: WriteBack = Field(default_factory=WriteBack)  # type: ignore[valid-type]
+
+    @field_validator("dest")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        # The bundle's path is written into serving configs (config.properties, models.config), one value a line.
+        if value is not None and (not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+            raise ValueError("empty, or control characters (a newline?) in the path")
+        return value
 
 
 class Recipe(Strict):
@@ -171,11 +181,15 @@ def validation_problems(error: ValidationError) -> list[str]:
 def recipe_problems(path: Path) -> tuple[Recipe | None, list[str]]:
     """Parse and validate a recipe; return it with no problems, or None with every problem found."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         return None, [f"cannot read recipe: {exc.strerror}"]
+    except UnicodeDecodeError as exc:
+        return None, [f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"]
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        return None, ["nested too deeply to be a recipe"]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -186,6 +200,8 @@ def recipe_problems(path: Path) -> tuple[Recipe | None, list[str]]:
         return Recipe.model_validate(data), []
     except ValidationError as exc:
         return None, validation_problems(exc)
+    except RecursionError:  # a self-referencing YAML alias
+        return None, ["nested too deeply (or refers to itself) to be a recipe"]
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -198,6 +214,6 @@ def load_recipe(path: Path) -> Recipe:
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """(name, alias, version) of a models:/ URI that the schema already accepted."""
-    match = MODEL_URI.match(uri)
+    match = MODEL_URI.fullmatch(uri)
     assert match, uri
     return match["name"], match["alias"], match["version"]
