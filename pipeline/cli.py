@@ -47,15 +47,29 @@ def _guard(func):
             _quiet_broken_pipe()
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, still a code
             # The log goes where this command keeps its artifacts (--artifacts / KILN_ARTIFACTS), not ./artifacts.
-            log = Path(Settings.from_env(kwargs.get("artifacts")).logs) / "kiln-crash.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(traceback.format_exc())
+            log = _crash_log(kwargs.get("artifacts"), traceback.format_exc())
             click.echo(f"kiln: internal error: {type(exc).__name__}: {first_line(exc)} (traceback: {log})", err=True)
             sys.exit(3)
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper
+
+
+def _crash_log(artifacts: str | None, text: str) -> Path:
+    """Write a crash's traceback where this command keeps its artifacts (--artifacts / KILN_ARTIFACTS, not
+    ./artifacts), or in the temp folder when that cannot be written (the crash may be about that very folder)."""
+    import os
+    import tempfile
+
+    try:
+        log = Path(Settings.from_env(artifacts).logs) / "kiln-crash.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(text)
+    except (OSError, KilnError):
+        log = Path(tempfile.gettempdir()) / f"kiln-crash-{os.getpid()}.log"
+        log.write_text(text)
+    return log
 
 
 def _quiet_broken_pipe() -> None:
@@ -229,6 +243,7 @@ def targets(recipes, as_json) -> None:
 
 
 @main.command()
+@_guard
 def schema() -> None:
     """Print the recipe JSON Schema."""
     from pipeline.recipe import json_schema

@@ -117,7 +117,8 @@ def _cast(name: str, array: np.ndarray, want: np.dtype, origin: str) -> tuple[np
             raise DataError(f"{refused} and its values ({array.min()}..{array.max()}) do not fit")
         return array.astype(want), None
     if have.kind == "f" and want.kind == "f":
-        cast = array.astype(want)
+        with np.errstate(over="ignore"):  # overflow becomes inf, refused just below with the sample that holds it
+            cast = array.astype(want)
         _check_finite(name, cast, f"{origin} (as {want.name})")
         narrowed = np.finfo(want).bits < np.finfo(have).bits
         return cast, (f"tensor '{name}': {have.name} data cast to the model's {want.name}" if narrowed else None)
