@@ -178,6 +178,22 @@ def validation_problems(error: ValidationError) -> list[str]:
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently, so a
+    second `gates:` would drop the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def recipe_problems(path: Path) -> tuple[Recipe | None, list[str]]:
     """Parse and validate a recipe; return it with no problems, or None with every problem found."""
     try:
@@ -187,7 +203,7 @@ def recipe_problems(path: Path) -> tuple[Recipe | None, list[str]]:
     except UnicodeDecodeError as exc:
         return None, [f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"]
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except RecursionError:
         return None, ["nested too deeply to be a recipe"]
     except yaml.YAMLError as exc:

@@ -254,7 +254,7 @@ def _from_file(config: Config, spec: ModelSpec, source: dict, out: Path, context
         labels = arrays[data.labels]
     arrays = {t.name: arrays[t.name] for t in spec.inputs if t.name in arrays} or arrays
     if spec.batch_axis_named:
-        arrays = {k: v[: data.samples] for k, v in arrays.items()}
+        arrays = {k: v[: data.samples] if v.ndim else v for k, v in arrays.items()}  # rank is checked next
     return arrays, labels, origin
 
 

@@ -68,7 +68,7 @@ def read_npz(path: Path, origin: str) -> dict[str, np.ndarray]:
             raise DataError(f"{origin}: the arrays take {size / 2**30:.1f} GiB uncompressed; kiln validates on at most "
                             f"{MAX_DATA_BYTES / 2**30:.0f} GiB of samples")
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+            arrays = {name: data[name] for name in data.files}
     except ValueError as exc:
         if "pickle" in str(exc):
             raise DataError(f"{origin}: an array holds Python objects (pickled); only plain numeric arrays are read") from None
@@ -77,6 +77,10 @@ def read_npz(path: Path, origin: str) -> dict[str, np.ndarray]:
         raise DataError(f"{origin}: truncated or corrupt .npz file ({type(exc).__name__}: {first_line(exc, 200)})") from None
     except MemoryError:
         raise DataError(f"{origin}: the arrays do not fit in memory") from None
+    for name, value in arrays.items():  # a zip member that is not a .npy comes back as its raw bytes
+        if not isinstance(value, np.ndarray):
+            raise DataError(f"{origin}: member '{name}' of the archive is not a .npy array")
+    return arrays
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
