@@ -147,7 +147,8 @@ def json_schema() -> dict:
 def _field_path(error: dict) -> str:
     # A variant's kind appears in the location as the union's tag (variants.0.int8-dynamic.per_channel): leave it out.
     parts = [str(p) for p in error["loc"] if not str(p).startswith("function-after") and p not in VARIANT_FIELDS]
-    return ".".join(parts) or "(recipe)"
+    # A key is the user's text: one with a newline or other control character is shown quoted, on one line.
+    return ".".join(part if part.isprintable() else repr(part) for part in parts) or "(recipe)"
 
 
 def _unknown_key(error: dict, path: str) -> str:
@@ -209,7 +210,8 @@ def recipe_problems(path: Path) -> tuple[Recipe | None, list[str]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        return None, [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, even ReaderError's two
+        return None, [f"not valid YAML{where}: {what}"]
     if not isinstance(data, dict):
         return None, ["a recipe is a YAML mapping with at least 'name' and 'source'"]
     try:

@@ -79,7 +79,7 @@ def mutated_recipes(rng: random.Random, count: int) -> list[bytes]:
             path = rng.choice(paths)
             try:
                 if rng.random() < 0.15 and isinstance(path[-1], str):
-                    set_at(data, (*path[:-1], path[-1] + "_typo"), 1)
+                    set_at(data, (*path[:-1], path[-1] + rng.choice(["_typo", "\n", "\x00", "\u202e"])), 1)
                 else:
                     set_at(data, path, rng.choice(BAD_VALUES))
             except (KeyError, IndexError, TypeError):  # an earlier mutation replaced a parent
@@ -181,12 +181,17 @@ def _q(text: str) -> str:
     return yaml.safe_dump(text, default_style='"').strip().removesuffix("...").strip()
 
 
-def check(code: int, out: str, err: str, what: str, seen: Counter, validate: bool = False) -> None:
+def check(code: int, out: str, err: str, what: str, seen: Counter, validate: Path | None = None) -> None:
+    """Exit 2, no traceback, one `kiln:` error line (for `validate`, the recipe it checked: the other lines are its
+    problems, one a line)."""
     seen[code] += 1
     assert "Traceback" not in out + err, f"{what}: traceback\n{err[-2000:]}"
     assert code == 2, f"{what}: exit {code}\n{err[-2000:]}"
     lines = [line for line in error_lines(err) if not validate or line.startswith("kiln: error:")]
     assert len(lines) == 1, f"{what}: {len(lines)} error lines\n{err[-2000:]}"
+    if validate:  # every other line is one problem: `<recipe path>: <field>: <what>`
+        assert all(line.startswith(f"{validate}: ") or line in lines
+                   for line in err.splitlines() if line), f"{what}: a problem spans lines\n{err[-2000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +220,7 @@ def test_fuzz_bad_input_in_process(cases, onnx_registry_session, tmp_path):
     run = ("--tracking-uri", registry, "--artifacts", artifacts, "--executor", "inline")
     seen: Counter = Counter()
     for path in cases["recipe"]:
-        check(*cli_invoke("validate", str(path)), f"validate {path.name}", seen, validate=True)
+        check(*cli_invoke("validate", str(path)), f"validate {path.name}", seen, validate=path)
         check(*cli_invoke("run", str(path), *run), f"run {path.name}", seen)
     for path in cases["data"] + cases["path"]:
         check(*cli_invoke("run", str(path), *run), f"run {path.name}", seen)
