@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline import registry
 from pipeline.errors import RecipeError
-from pipeline.schema import Slug, Strict
+from pipeline.schema import Slug, Strict, has_control
 
 # No control characters in a name: it is written into serving configs and READMEs (a newline would start a line).
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@\x00-\x1f\x7f]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+|latest))")
@@ -72,7 +72,7 @@ class Publish(Strict):
     @classmethod
     def _one_line(cls, value: str | None) -> str | None:
         # The bundle's path is written into serving configs (config.properties, models.config), one value a line.
-        if value is not None and (not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        if value is not None and (not value.strip() or has_control(value)):
             raise ValueError("empty, or control characters (a newline?) in the path")
         return value
 

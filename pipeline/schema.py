@@ -15,6 +15,11 @@ Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.\-]*$", max_length=100)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Random seed, 0 .. 2**32-1")]
 
 
+def has_control(text: str) -> bool:
+    """A newline or other control character: text that would break out of its line in a config file or a log."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 class Strict(BaseModel):
     """Unknown keys are errors: a misspelled recipe field must not be silently ignored."""
 

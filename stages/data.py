@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import DataError, ModelError, RecipeError
-from pipeline.schema import Seed, StageConfig, Strict
+from pipeline.schema import Seed, StageConfig, Strict, has_control
 from stages import artifacts, frameworks
 from stages.tensors import MAX_DATA_BYTES, ModelSpec, TensorSpec, check_labels, conform, read_npz
 
@@ -45,7 +45,9 @@ class TensorDecl(Strict):
         if self.low is not None and self.high is not None and self.low >= self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         dtype = np.dtype(self.dtype)
-        if dtype.kind in "iu":
+        if dtype.kind in "iu":  # drawn from [int(low), int(high)): that range must hold a value, of this dtype
+            if int(self.low if self.low is not None else 0) >= int(self.high if self.high is not None else 2):
+                raise ValueError(f"low ({self.low}) .. high ({self.high}) holds no integer of {self.dtype}")
             info = np.iinfo(dtype)
             for name, value in (("low", self.low), ("high", self.high)):
                 if value is not None and not info.min <= value <= info.max + 1:
@@ -66,7 +68,7 @@ class Data(Strict):
     def _path_when_needed(self) -> "Data":
         if self.source in ("npz", "run_artifact") and not self.path:
             raise ValueError(f"'path' is required when source is {self.source}")
-        if self.path and any(ord(c) < 32 or ord(c) == 127 for c in self.path):
+        if self.path and has_control(self.path):
             raise ValueError("path: control characters (a newline?) in the path")
         if self.source == "run_artifact" and self.path:
             parts = PurePosixPath(self.path).parts

@@ -28,6 +28,7 @@ MODEL = "models:/digits-onnx-inline@champion"  # pixels float32 [N, 64]
 BASE = {
     "name": "fuzz",
     "source": {"uri": MODEL},
+    "inputs": [{"name": "pixels", "dtype": "float32", "shape": ["batch", 64], "low": 0.0, "high": 1.0}],
     "validation": {"data": {"source": "synthetic", "samples": 8, "seed": 0, "axes": {"seq": 4}},
                    "latency": {"batch_sizes": [1, 8], "iterations": 100, "threads": 1, "time_budget_s": 1.0}},
     "gates": {"parity": {"default": {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.9999}}},

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import AfterValidator, Field
 
 from pipeline.errors import ModelError
+from pipeline.schema import has_control
 from stages.tensors import ModelSpec
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -54,7 +55,7 @@ def url_host(host: str) -> str:
 def one_line(value: str, what: str) -> str:
     """A value written on one line of a config file; refused if it would start another (it cannot, for values the
     schema checked: this guards the values built from paths and URIs)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+    if has_control(str(value)):
         raise ModelError(f"{what}: {str(value)!r} holds a control character (a newline?); it cannot go in a config file")
     return str(value)
 
