@@ -43,17 +43,37 @@ def _guard(func):
         except KilnError as exc:
             click.echo(f"kiln: error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except BrokenPipeError:
-            _quiet_broken_pipe()
+        except BrokenPipeError as exc:
+            if _stdout_gone():
+                _quiet_broken_pipe()
+            _crashed(exc, kwargs.get("artifacts"))
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, still a code
-            # The log goes where this command keeps its artifacts (--artifacts / KILN_ARTIFACTS), not ./artifacts.
-            log = _crash_log(kwargs.get("artifacts"), traceback.format_exc())
-            click.echo(f"kiln: internal error: {type(exc).__name__}: {first_line(exc)} (traceback: {log})", err=True)
-            sys.exit(3)
+            _crashed(exc, kwargs.get("artifacts"))
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper
+
+
+def _crashed(exc: BaseException, artifacts: str | None) -> None:
+    """Something kiln did not expect: one line naming it and where its traceback is, exit 3."""
+    # The log goes where this command keeps its artifacts (--artifacts / KILN_ARTIFACTS), not ./artifacts.
+    log = _crash_log(artifacts, traceback.format_exc())
+    click.echo(f"kiln: internal error: {type(exc).__name__}: {first_line(exc)} (traceback: {log})", err=True)
+    sys.exit(3)
+
+
+def _stdout_gone() -> bool:
+    """stdout is a pipe whose reader has closed it: the broken pipe is the reader's doing, not a crash (a worker's
+    or a socket's broken pipe is still a crash)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file descriptor behind stdout
+        return False
 
 
 def _crash_log(artifacts: str | None, text: str) -> Path:
