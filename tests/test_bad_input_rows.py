@@ -262,3 +262,20 @@ def test_row13_mistyped_sqlite_path_creates_nothing(tmp_path, artifacts, where, 
     line = run_bad(uri, artifacts, recipe(tmp_path, "registry"))
     assert f"tracking URI {uri}: {says}: {database}" in line
     assert not database.exists()
+
+
+def test_row6_npz_that_would_not_fit_in_memory_is_refused_before_reading(tmp_path):
+    """A zip's directory says how big each array is uncompressed: over 1 GiB is refused before anything is read
+    (a small compressed file can hold many GiB of zeros)."""
+    import struct
+
+    from pipeline.errors import DataError
+    from stages.tensors import read_npz
+
+    np.savez(tmp_path / "big.npz", pixels=PIXELS)
+    data = bytearray((tmp_path / "big.npz").read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the central directory entry: uncompressed size at offset 24
+    data[entry + 24: entry + 28] = struct.pack("<I", 3 << 30)
+    (tmp_path / "big.npz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"big.npz: the arrays take 3.0 GiB uncompressed; kiln validates on at most 1 GiB"):
+        read_npz(tmp_path / "big.npz", str(tmp_path / "big.npz"))
