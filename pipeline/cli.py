@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import BadInput, KilnError
+from pipeline.errors import BadInput, KilnError, first_line
 from pipeline.settings import Settings, quiet_environment
 
 
@@ -43,16 +43,66 @@ def _guard(func):
         except KilnError as exc:
             click.echo(f"kiln: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError as exc:
+            if _stdout_gone():
+                _quiet_broken_pipe()
+            _crashed(exc, kwargs.get("artifacts"))
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, still a code
-            log = Path(Settings.from_env().logs) / "kiln-crash.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(traceback.format_exc())
-            click.echo(f"kiln: internal error: {type(exc).__name__}: {exc} (traceback: {log})", err=True)
-            sys.exit(3)
+            _crashed(exc, kwargs.get("artifacts"))
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper
+
+
+def _crashed(exc: BaseException, artifacts: str | None) -> None:
+    """Something kiln did not expect: one line naming it and where its traceback is, exit 3."""
+    # The log goes where this command keeps its artifacts (--artifacts / KILN_ARTIFACTS), not ./artifacts.
+    log = _crash_log(artifacts, traceback.format_exc())
+    click.echo(f"kiln: internal error: {type(exc).__name__}: {first_line(exc)} (traceback: {log})", err=True)
+    sys.exit(3)
+
+
+def _stdout_gone() -> bool:
+    """stdout is a pipe whose reader has closed it: the broken pipe is the reader's doing, not a crash (a worker's
+    or a socket's broken pipe is still a crash)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file descriptor behind stdout
+        return False
+
+
+def _crash_log(artifacts: str | None, text: str) -> Path:
+    """Write a crash's traceback where this command keeps its artifacts (--artifacts / KILN_ARTIFACTS, not
+    ./artifacts), or in the temp folder when that cannot be written (the crash may be about that very folder)."""
+    import os
+    import tempfile
+
+    try:
+        log = Path(Settings.from_env(artifacts).logs) / "kiln-crash.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(text)
+    except (OSError, KilnError):
+        log = Path(tempfile.gettempdir()) / f"kiln-crash-{os.getpid()}.log"
+        log.write_text(text)
+    return log
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (`kiln plan ... | head -1`): stop quietly, as `cat` would (128 + SIGPIPE). stdout is
+    pointed at /dev/null first, or Python's own flush at exit would report the broken pipe once more."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor behind stdout (an in-process runner)
+        pass
+    sys.exit(141)
 
 
 common = [
@@ -214,6 +264,7 @@ def targets(recipes, as_json) -> None:
 
 
 @main.command()
+@_guard
 def schema() -> None:
     """Print the recipe JSON Schema."""
     from pipeline.recipe import json_schema

@@ -32,6 +32,11 @@ class ModelError(BadInput):
     """The model itself cannot be loaded, exported or run as the recipe describes."""
 
 
+class DataError(BadInput):
+    """The validation data is wrong (unreadable file, wrong dtype, NaN, no samples); the message names the file,
+    tensor and sample. Not the model's fault: no gate is judged on such data."""
+
+
 class GateFailed(KilnError):
     """A parity or latency gate failed (exit 1). Nothing is published."""
 

@@ -6,6 +6,7 @@ Resolution runs on every `kiln plan`/`kiln run` (an alias may have moved); downl
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pipeline.errors import SourceError, first_line
 from pipeline.recipe import parse_model_uri
@@ -29,9 +30,26 @@ class SourceRef:
         return data
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI (relative to the working folder, as SQLAlchemy reads it);
+    None for other URIs and in-memory databases."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    name = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if name in ("", ":memory:") else Path(name)
+
+
 def client(tracking_uri: str):
+    """A client for an existing registry. MLflow would create a missing sqlite database (and its tables) on first
+    use, so a mistyped path would look like an empty registry ("no alias"); kiln never creates one: registering
+    models (`make demo`, examples.register) does."""
     import mlflow
 
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        where = "no such folder" if not database.parent.is_dir() else "no such file"
+        raise SourceError(f"tracking URI {tracking_uri}: {where}: {database} (kiln does not create registries; "
+                          "check the path, or register models there first)")
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -237,10 +237,26 @@ def recipe_digest(recipe: Recipe) -> str:
     return sha256_json(recipe.model_dump(mode="json"))
 
 
+def bundle_root(recipe: Recipe, recipe_path: Path, settings: Settings) -> Path:
+    """Where the recipe's bundles go: <artifacts>/bundles, or publish.dest. A relative dest must stay inside the
+    artifacts folder, so that a '..' in a shared recipe cannot publish elsewhere; outside it, the user writes an
+    absolute path."""
+    dest = recipe.publish.dest
+    if not dest:
+        return settings.bundles
+    root = resolve_path(recipe_path, dest)
+    if not Path(dest).expanduser().is_absolute() and not root.resolve().is_relative_to(settings.artifacts.resolve()):
+        raise RecipeError(f"recipe {recipe_path}: publish.dest: {dest!r} resolves to {root}, outside the artifacts "
+                          f"folder {settings.artifacts}; write an absolute path to publish there")
+    return root
+
+
 def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: Settings) -> RecipePlan:
     """Every stage in registry order adds its steps; the graph is then checked and ordered."""
-    dest_root = resolve_path(recipe_path, recipe.publish.dest) if recipe.publish.dest else settings.bundles
-    graph = Graph(recipe, recipe_path, source, dest_root)
+    graph = Graph(recipe, recipe_path, source, bundle_root(recipe, recipe_path, settings))
+    existing = next((p for p in [graph.bundle_dest, *graph.bundle_dest.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RecipeError(f"recipe {recipe_path}: publish.dest: {existing} is a file, not a folder")
     for module in registry.planners():
         if hasattr(module, "plan"):
             module.plan(graph)

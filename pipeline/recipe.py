@@ -20,9 +20,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline import registry
 from pipeline.errors import RecipeError
-from pipeline.schema import Slug, Strict
+from pipeline.schema import Slug, Strict, has_control
 
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+|latest))$")
+# No control characters in a name: it is written into serving configs and READMEs (a newline would start a line).
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@\x00-\x1f\x7f]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>[0-9]+|latest))")
 
 
 class Source(Strict):
@@ -33,7 +34,7 @@ class Source(Strict):
     @field_validator("uri")
     @classmethod
     def _model_uri(cls, value: str) -> str:
-        if not MODEL_URI.match(value):
+        if not MODEL_URI.fullmatch(value):
             raise ValueError(f"{value!r} is not models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
         return value
 
@@ -63,8 +64,17 @@ class Validation(Strict):
 
 
 class Publish(Strict):
-    dest: str | None = Field(None, description="Folder for bundles; default: <artifacts>/bundles")
+    dest: str | None = Field(None, description="Folder for bundles; default: <artifacts>/bundles. A relative path "
+                             "must stay inside the artifacts folder; anywhere else needs an absolute path")
     write_back: WriteBack = Field(default_factory=WriteBack)  # type: ignore[valid-type]
+
+    @field_validator("dest")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        # The bundle's path is written into serving configs (config.properties, models.config), one value a line.
+        if value is not None and (not value.strip() or has_control(value)):
+            raise ValueError("empty, or control characters (a newline?) in the path")
+        return value
 
 
 class Recipe(Strict):
@@ -137,7 +147,8 @@ def json_schema() -> dict:
 def _field_path(error: dict) -> str:
     # A variant's kind appears in the location as the union's tag (variants.0.int8-dynamic.per_channel): leave it out.
     parts = [str(p) for p in error["loc"] if not str(p).startswith("function-after") and p not in VARIANT_FIELDS]
-    return ".".join(parts) or "(recipe)"
+    # A key is the user's text: one with a newline or other control character is shown quoted, on one line.
+    return ".".join(part if part.isprintable() else repr(part) for part in parts) or "(recipe)"
 
 
 def _unknown_key(error: dict, path: str) -> str:
@@ -168,24 +179,47 @@ def validation_problems(error: ValidationError) -> list[str]:
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently, so a
+    second `gates:` would drop the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def recipe_problems(path: Path) -> tuple[Recipe | None, list[str]]:
     """Parse and validate a recipe; return it with no problems, or None with every problem found."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         return None, [f"cannot read recipe: {exc.strerror}"]
+    except UnicodeDecodeError as exc:
+        return None, [f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"]
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        return None, ["nested too deeply to be a recipe"]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        return None, [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, even ReaderError's two
+        return None, [f"not valid YAML{where}: {what}"]
     if not isinstance(data, dict):
         return None, ["a recipe is a YAML mapping with at least 'name' and 'source'"]
     try:
         return Recipe.model_validate(data), []
     except ValidationError as exc:
         return None, validation_problems(exc)
+    except RecursionError:  # a self-referencing YAML alias
+        return None, ["nested too deeply (or refers to itself) to be a recipe"]
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -198,6 +232,6 @@ def load_recipe(path: Path) -> Recipe:
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """(name, alias, version) of a models:/ URI that the schema already accepted."""
-    match = MODEL_URI.match(uri)
+    match = MODEL_URI.fullmatch(uri)
     assert match, uri
     return match["name"], match["alias"], match["version"]

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import BadInput
+
 # No network here and none wanted: keep MLflow and Olive from phoning home, and keep an unreachable
 # tracking server from holding a run in minutes of retries.
 QUIET_ENV = {
@@ -38,8 +40,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, artifacts: str | None = None, tracking_uri: str | None = None) -> "Settings":
-        root = artifacts or os.environ.get("KILN_ARTIFACTS") or "artifacts"
-        return cls(Path(root).resolve(), tracking_uri, store_url=os.environ.get("KILN_STORE_URL") or None)
+        root = Path(artifacts or os.environ.get("KILN_ARTIFACTS") or "artifacts").resolve()
+        if root.exists() and not root.is_dir():
+            raise BadInput(f"--artifacts {root}: a file, not a folder")
+        return cls(root, tracking_uri, store_url=os.environ.get("KILN_STORE_URL") or None)
 
     @property
     def store_root(self) -> Path:

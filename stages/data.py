@@ -6,19 +6,22 @@ drawn from the spec with a seed. The spec comes from the recipe's `inputs`, else
 
 from __future__ import annotations
 
+import math
 import shutil
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.errors import ModelError, RecipeError
-from pipeline.schema import StageConfig, Strict
+from pipeline.errors import DataError, ModelError, RecipeError
+from pipeline.schema import Seed, StageConfig, Strict, has_control
 from stages import artifacts, frameworks
-from stages.tensors import ModelSpec, TensorSpec, check_feeds, load_arrays
+from stages.tensors import MAX_DATA_BYTES, ModelSpec, TensorSpec, check_labels, conform, read_npz
 
-VERSION = 2
+VERSION = 3
+MAX_SAMPLES = 100_000
+MAX_AXIS = 1_000_000
 DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
 
 
@@ -26,30 +29,52 @@ class TensorDecl(Strict):
     name: str
     dtype: DType = "float32"
     shape: list[int | str] = Field(description="Sizes; a string names a dynamic axis (e.g. batch, seq)")
-    low: float | None = Field(None, description="Synthetic data: lowest value (ints: inclusive)")
-    high: float | None = Field(None, description="Synthetic data: highest value (ints: exclusive)")
+    low: float | None = Field(None, allow_inf_nan=False, description="Synthetic data: lowest value (ints: inclusive)")
+    high: float | None = Field(None, allow_inf_nan=False, description="Synthetic data: highest value (ints: exclusive)")
 
     @field_validator("shape")
     @classmethod
     def _positive(cls, shape: list[int | str]) -> list[int | str]:
         for dim in shape:
-            if isinstance(dim, int) and dim <= 0:
-                raise ValueError("fixed sizes must be > 0; name a dynamic axis with a string")
+            if isinstance(dim, int) and not 0 < dim <= MAX_AXIS:
+                raise ValueError(f"fixed sizes must be 1 .. {MAX_AXIS}; name a dynamic axis with a string")
         return shape
+
+    @model_validator(mode="after")
+    def _range(self) -> "TensorDecl":
+        if self.low is not None and self.high is not None and self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        dtype = np.dtype(self.dtype)
+        if dtype.kind in "iu":  # drawn from [int(low), int(high)): that range must hold a value, of this dtype
+            if int(self.low if self.low is not None else 0) >= int(self.high if self.high is not None else 2):
+                raise ValueError(f"low ({self.low}) .. high ({self.high}) holds no integer of {self.dtype}")
+            info = np.iinfo(dtype)
+            for name, value in (("low", self.low), ("high", self.high)):
+                if value is not None and not info.min <= value <= info.max + 1:
+                    raise ValueError(f"{name}: {value} is outside {self.dtype} ({info.min} .. {info.max})")
+        return self
 
 
 class Data(Strict):
     source: Literal["input_example", "npz", "run_artifact", "synthetic"] = "synthetic"
     path: str | None = Field(None, description="npz: file path; run_artifact: path inside the source model's run")
     labels: str | None = Field(None, description="Array name in the npz that holds class labels")
-    samples: int = Field(32, ge=1, description="Synthetic: how many; npz/run_artifact: at most how many")
-    seed: int = 0
-    axes: dict[str, int] = Field(default_factory=dict, description="Synthetic: size of each named dynamic axis")
+    samples: int = Field(32, ge=1, le=MAX_SAMPLES, description="Synthetic: how many; npz/run_artifact: at most how many")
+    seed: Seed = 0
+    axes: dict[str, Annotated[int, Field(ge=1, le=MAX_AXIS)]] = Field(
+        default_factory=dict, description="Synthetic: size of each named dynamic axis")
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> "Data":
         if self.source in ("npz", "run_artifact") and not self.path:
             raise ValueError(f"'path' is required when source is {self.source}")
+        if self.path and has_control(self.path):
+            raise ValueError("path: control characters (a newline?) in the path")
+        if self.source == "run_artifact" and self.path:
+            parts = PurePosixPath(self.path).parts
+            if self.path.startswith("/") or "\\" in self.path or ".." in parts:
+                raise ValueError(f"path: {self.path!r} must be a relative path inside the run's artifacts (no '..', "
+                                 "no leading '/')")
         if self.labels and self.source not in ("npz", "run_artifact"):
             raise ValueError("'labels' needs source npz or run_artifact")
         return self
@@ -125,7 +150,7 @@ def _spec(config: Config, source: dict, model_dir: Path) -> ModelSpec:
 def _synthetic(spec: ModelSpec, config: Config, declared: dict[str, TensorDecl]) -> dict[str, np.ndarray]:
     data = config.data
     rng = np.random.default_rng(data.seed)
-    arrays = {}
+    arrays, total = {}, 0
     for i, tensor in enumerate(spec.inputs):
         shape = []
         for axis, dim in enumerate(tensor.shape):
@@ -142,6 +167,11 @@ def _synthetic(spec: ModelSpec, config: Config, declared: dict[str, TensorDecl])
         decl = declared.get(tensor.name)
         low, high = (decl.low, decl.high) if decl else (None, None)
         dtype = np.dtype(tensor.dtype)
+        total += math.prod(shape) * max(dtype.itemsize, 8)  # drawn as 64-bit, then cast
+        if total > MAX_DATA_BYTES:
+            raise DataError(f"validation.data: {data.samples} synthetic samples of shape {shape[1:]} need "
+                            f"{total / 2**30:.1f} GiB; lower validation.data.samples or validation.data.axes "
+                            f"(at most {MAX_DATA_BYTES / 2**30:.0f} GiB)")
         if dtype.kind in "iu":
             array = rng.integers(int(low if low is not None else 0), int(high if high is not None else 2), size=shape)
         elif dtype.kind == "b":
@@ -167,6 +197,69 @@ def _from_input_example(model_dir: Path, spec: ModelSpec, source: dict) -> dict[
     raise ModelError(f"{source['uri']}: the input example is one array but the model has {len(spec.inputs)} inputs")
 
 
+def _run_artifact_root(run_id: str, tracking_uri: str) -> Path | None:
+    """The run's artifact folder when it is on this machine's disk (a file: artifact URI), else None."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    import mlflow
+
+    uri = mlflow.MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.artifact_uri
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(url2pathname(parsed.path) if parsed.scheme else uri)
+    return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """path lies under root once every link on the way is followed."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _download(data: Data, source: dict, out: Path, tracking_uri: str) -> Path:
+    """The run artifact `data.path`, downloaded; refused when it (or a link in it) leads out of the run's artifacts."""
+    import mlflow.artifacts
+
+    field = f"validation.data.path: '{data.path}'"
+    try:
+        root = _run_artifact_root(source["run_id"], tracking_uri)
+        if root is not None and root.exists() and not _inside(root / data.path, root):
+            raise DataError(f"{field} leads out of the artifacts of run {source['run_id']}")
+        dst = out.parent / "download"
+        path = Path(mlflow.artifacts.download_artifacts(run_id=source["run_id"], artifact_path=data.path,
+                                                        dst_path=str(dst), tracking_uri=tracking_uri))
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{field} not found in run {source['run_id']} ({type(exc).__name__})") from None
+    if not _inside(path, dst):
+        raise DataError(f"{field} leads out of the artifacts of run {source['run_id']}")
+    if not path.is_file():
+        raise DataError(f"{field} is a folder in run {source['run_id']}; name the .npz file in it")
+    return path
+
+
+def _from_file(config: Config, spec: ModelSpec, source: dict, out: Path, context: dict):
+    """(arrays, labels, origin) from the recipe's .npz file or the source run's."""
+    data = config.data
+    if data.source == "npz":
+        path = Path(context["npz"])
+        origin = f"validation.data.path {path}"
+    else:
+        path = _download(data, source, out, context["tracking_uri"])
+        origin = f"validation.data.path {data.path} (run {source['run_id']})"
+    arrays = read_npz(path, origin)
+    labels = None
+    if data.labels:
+        if data.labels not in arrays:
+            raise DataError(f"validation.data.labels: no array '{data.labels}' in {path.name}")
+        labels = arrays[data.labels]
+    arrays = {t.name: arrays[t.name] for t in spec.inputs if t.name in arrays} or arrays
+    if spec.batch_axis_named:
+        arrays = {k: v[: data.samples] if v.ndim else v for k, v in arrays.items()}  # rank is checked next
+    return arrays, labels, origin
+
+
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     source = artifacts.source(inputs["model"])
     spec = _spec(config, source, artifacts.model_dir(inputs["model"]))
@@ -180,46 +273,21 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         arrays = _from_input_example(artifacts.model_dir(inputs["model"]), spec, source)
         origin = f"input example of {source['uri']}"
     else:
-        if data.source == "npz":
-            path = Path(context["npz"])
-        else:
-            import mlflow.artifacts
-
-            try:
-                path = Path(
-                    mlflow.artifacts.download_artifacts(
-                        run_id=source["run_id"],
-                        artifact_path=data.path,
-                        dst_path=str(out.parent / "download"),
-                        tracking_uri=context["tracking_uri"],
-                    )
-                )
-            except Exception as exc:  # noqa: BLE001
-                raise ModelError(
-                    f"validation.data.path: '{data.path}' not found in run {source['run_id']} ({type(exc).__name__})"
-                ) from None
-        origin = f"validation.data.path {path if data.source == 'npz' else data.path}"
-        try:
-            arrays = load_arrays(path)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{origin}: not a readable .npz file ({exc})") from None
-        if data.labels:
-            if data.labels not in arrays:
-                raise ModelError(f"validation.data.labels: no array '{data.labels}' in {path.name}")
-            labels = arrays[data.labels]
-        arrays = {t.name: arrays[t.name] for t in spec.inputs if t.name in arrays} or arrays
-        if spec.batch_axis_named:
-            arrays = {k: v[: data.samples] for k, v in arrays.items()}
-            labels = labels[: data.samples] if labels is not None else None
+        arrays, labels, origin = _from_file(config, spec, source, out, context)
     shutil.rmtree(out.parent / "download", ignore_errors=True)  # read into memory; keep only what we write
-    check_feeds(spec, arrays, origin)
-    arrays = {t.name: arrays[t.name].astype(np.dtype(t.dtype), copy=False) for t in spec.inputs}
+    # Checked, not coerced: a dtype the model does not take, NaN or no samples is the data's fault (exit 2).
+    arrays, notes = conform(spec, arrays, origin)
+    first = next(iter(arrays.values()), None)
+    count = int(first.shape[0]) if first is not None and first.ndim else 1
+    if labels is not None:
+        labels = check_labels(labels, count, f"validation.data.labels '{data.labels}'")
     artifacts.write_samples(out, spec, arrays, labels)
     return {
         "source": data.source,
-        "samples": int(next(iter(arrays.values())).shape[0]) if arrays else 0,
+        "samples": count,
         "shapes": {k: list(v.shape) for k, v in arrays.items()},
         "labels": labels is not None,
+        "notes": notes,
     }
 
 

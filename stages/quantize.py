@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.errors import ModelError, first_line
-from pipeline.schema import Slug, StageConfig, Strict
+from pipeline.schema import Seed, Slug, StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
 from stages import artifacts, gate, machine, onnx_runtime
 from stages.calibration import CalibrationReader, draw_samples
@@ -29,8 +29,8 @@ VERSION = 6
 
 class Calibration(Strict):
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    samples: int = Field(64, ge=1, description="Drawn from the validation data with the seed; their hash is recorded")
-    seed: int = 0
+    samples: int = Field(64, ge=1, le=100_000, description="Drawn from the validation data with the seed; their hash is recorded")
+    seed: Seed = 0
 
 
 class Fallback(Strict):

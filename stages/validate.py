@@ -23,10 +23,10 @@ VERSION = 8
 
 
 class Latency(Strict):
-    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
-    warmup: int = Field(10, ge=1)
-    iterations: int = Field(100, ge=100, description="Timed runs per batch size and runtime (>= 100)")
-    threads: int | None = Field(None, ge=1, description="Intra-op threads for both runtimes; default: all cores")
+    batch_sizes: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(default_factory=lambda: [1], min_length=1)
+    warmup: int = Field(10, ge=1, le=100_000)
+    iterations: int = Field(100, ge=100, le=1_000_000, description="Timed runs per batch size and runtime (>= 100)")
+    threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads for both runtimes; default: all cores")
     target_ci: float | None = Field(
         0.05, gt=0, description="Keep measuring until each p50's 95 % CI half-width is within this fraction of it"
     )

@@ -204,3 +204,31 @@ def mlflow_server_process(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(mlflow_server_process) -> str:
     return mlflow_server_process.uri
+
+
+@pytest.fixture(scope="session")
+def onnx_registry_session(tmp_path_factory) -> str:
+    """A sqlite registry with the ONNX-source test models (tests/fixtures/register_onnx.py), once per session:
+    `digits-onnx-inline` takes pixels float32 [N, 64]; `digits-onnx`'s run logs validation/digits-test.npz."""
+    home = tmp_path_factory.mktemp("onnx-registry-session")
+    return run_fixture_script("register_onnx.py", f"sqlite:///{home / 'mlflow.db'}")
+
+
+def cli_invoke(*args: str):
+    """Run the real `kiln` command line in this process (click's CliRunner on pipeline.cli): no interpreter start,
+    for tests that feed it hundreds of inputs. Returns (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):  # escaped even _guard
+        import traceback
+
+        return 99, result.stdout, "".join(traceback.format_exception(result.exception))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def error_lines(text: str) -> list[str]:
+    """kiln's error lines: what a bad input must produce exactly one of."""
+    return [line for line in text.splitlines() if line.startswith("kiln:")]

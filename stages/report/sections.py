@@ -218,6 +218,9 @@ def _build_steps(steps: list[dict]) -> dict:
         elif step["stage"] == "optimize":
             fused = ", ".join(f"{k} {v}" for k, v in (summary.get("fusions") or {}).items()) or "no fusions"
             notes = f"level {summary.get('level')}, nodes {summary.get('nodes_before')} → {summary.get('nodes_after')}; {fused}"
+        elif step["stage"] == "data":  # the dtype casts the data needed (e.g. float64 samples for a float32 model)
+            notes = f"{summary.get('samples')} samples from {summary.get('source')}" + "".join(
+                f"; {note}" for note in summary.get("notes") or [])
         rows.append([step["stage"], f"`{step['key'][:12]}`", step.get("seconds"), notes])
     return {"title": "Build steps", "header": ["stage", "key", "seconds", "notes"], "rows": rows}
 

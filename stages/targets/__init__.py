@@ -15,13 +15,51 @@ A new serving target is a module plus an entry here; the recipe's `serving` sect
 from __future__ import annotations
 
 import importlib
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Annotated
 
 import numpy as np
+from pydantic import AfterValidator, Field
 
+from pipeline.errors import ModelError
+from pipeline.schema import has_control
 from stages.tensors import ModelSpec
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Token = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)]  # a name safe in any file
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?")
+
+
+def _host(value: str) -> str:
+    """A host name (RFC 1123) or an IP address: nothing else may reach a server's listen address."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in value.split(".")):
+        raise ValueError(f"{value!r} is neither a host name nor an IP address")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
+
+
+def url_host(host: str) -> str:
+    """The host as it goes in a URL: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def one_line(value: str, what: str) -> str:
+    """A value written on one line of a config file; refused if it would start another (it cannot, for values the
+    schema checked: this guards the values built from paths and URIs)."""
+    if has_control(str(value)):
+        raise ModelError(f"{what}: {str(value)!r} holds a control character (a newline?); it cannot go in a config file")
+    return str(value)
 
 TARGETS: dict[str, str] = {
     "triton": "stages.targets.triton",

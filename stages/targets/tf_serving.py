@@ -21,7 +21,7 @@ from pydantic import ConfigDict, Field
 
 from pipeline.errors import KilnError, ModelError
 from pipeline.schema import Strict
-from stages.targets import TargetContext
+from stages.targets import TargetContext, Token
 
 
 class Config(Strict):
@@ -34,8 +34,8 @@ class Config(Strict):
     allowed_batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(None, description="Default: powers of 2")
     num_batch_threads: int | None = Field(None, ge=1, description="Default: the validation thread count")
     max_enqueued_batches: int = Field(100, ge=1)
-    version_labels: dict[str, str] = Field(default_factory=lambda: {"stable": "latest"},
-                                           description="label -> version ('latest' = the published one)")
+    version_labels: dict[Token, Annotated[str, Field(pattern=r"^(latest|[0-9]{1,18})$")]] = Field(
+        default_factory=lambda: {"stable": "latest"}, description="label -> version ('latest' = the published one)")
 
 
 SERVING_SIGNATURE = "serving_default"
