@@ -85,6 +85,7 @@ def test_text_classifier_from_the_source_uri_alone(bundles, tx_registry):
     assert set(data["shapes"]) == {"input_ids", "attention_mask", "token_type_ids"}
     assert data["shapes"]["input_ids"] == [32, 128]  # the default sequence, within the model's 128 positions
     assert export["exporter"] == "torchscript" and export["attn_implementation"] == "eager"
+    assert export["original_attn_implementation"] == "sdpa"  # the original runs as MLflow loads it
     assert export["outputs"] == ["logits"] and export["task"] == "text-classification"
     # The fusion's numbers came from the model's config (hidden 64, 4 heads), and fused every layer.
     assert optimize["transformer_settings"] == {"num_heads": 4, "hidden_size": 64,

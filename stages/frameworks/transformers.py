@@ -1,12 +1,13 @@
 """Hugging Face models from MLflow's transformers flavor (`mlflow.transformers.log_model(pipeline(...))`): load the
-model and its tokenizer as MLflow does (`return_type="components"`), run the model on token tensors, export it with
-the TorchScript exporter and eager attention (the only combination that gives ONNX Runtime's full Attention and
-EmbedLayerNormalization fusion, DESIGN.md), and name the fusion settings from the model's own config.
+model and its tokenizer as MLflow does (`return_type="components"`) and run it so (its own attention, SDPA by
+default); export it with the TorchScript exporter and eager attention, the only combination that gives ONNX
+Runtime's full Attention and EmbedLayerNormalization fusion (DESIGN.md); name the fusion settings from the
+model's own config.
 
 The inputs are the tokenizer's tensors that the model's forward takes (input_ids, attention_mask, token_type_ids:
-int64 [batch, sequence]); the outputs are the task's (logits, last_hidden_state). The pipeline's
-pre- and post-processing (tokenizing, softmax, label names) is not part of the graph: a serving team tokenizes
-with the tokenizer the bundle names and reads logits, as Optimum's exports do.
+int64 [batch, sequence]); the outputs are the task's (logits, last_hidden_state). The pipeline's pre- and
+post-processing (tokenizing, softmax, label names) is not part of the graph: a serving team tokenizes with the
+model's tokenizer and reads logits, as Optimum's exports do.
 """
 
 from __future__ import annotations
@@ -93,10 +94,7 @@ def load(model_dir: Path, options: dict | None = None) -> Pipeline:
         components = mlflow.transformers.load_model(str(model_dir), return_type="components")
     except Exception as exc:  # noqa: BLE001 - a model that does not load is the user's input problem
         raise ModelError(f"mlflow.transformers.load_model failed: {type(exc).__name__}: {first_line(exc, 250)}") from None
-    model = components["model"]
-    # Eager attention: SDPA exports as a graph the fusion does not recognise (measured, DESIGN.md).
-    model.set_attn_implementation("eager")
-    model.eval()
+    model = components["model"].eval()  # run and timed as MLflow loads it (SDPA attention by default)
     return Pipeline(task, model, components.get("tokenizer"))
 
 
@@ -192,10 +190,16 @@ def export_onnx(model: Pipeline, spec: ModelSpec, feeds, output_names: list[str]
                 path: Path) -> dict:
     """Always the TorchScript exporter: the dynamo export of a transformers model fuses only LayerNorm/Gelu
     (DESIGN.md), so `export.exporter` (the pytorch flavor's option) does not apply here."""
-    done = pytorch.export_onnx(_wrapped(model, spec), spec, feeds, output_names, "torchscript", opset, path)
     config = model.model.config
+    loaded = config._attn_implementation
+    # Eager attention for the export only: SDPA exports as a graph the fusion does not recognise (DESIGN.md).
+    model.model.set_attn_implementation("eager")
+    try:
+        done = pytorch.export_onnx(_wrapped(model, spec), spec, feeds, output_names, "torchscript", opset, path)
+    finally:
+        model.model.set_attn_implementation(loaded)
     return {**done, "task": model.task, "architecture": type(model.model).__name__,
-            "model_type": config.model_type, "attn_implementation": config._attn_implementation}
+            "model_type": config.model_type, "attn_implementation": "eager", "original_attn_implementation": loaded}
 
 
 def task_parity(model: Pipeline, spec: ModelSpec, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray],
