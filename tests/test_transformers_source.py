@@ -47,7 +47,8 @@ def bundles(tx_registry, tmp_path_factory) -> dict[str, Path]:
     recipes += [_recipe(folder, "tx-text-real", "tx-text", TEXT_DATA),
                 _recipe(folder, "tx-text-recipe-fusion", "tx-text", RECIPE_FUSION)]
     result, summary = run_json(*map(str, recipes), "--tracking-uri", tx_registry,
-                               "--artifacts", str(tmp_path_factory.mktemp("tx-artifacts")))
+                               "--artifacts", str(tmp_path_factory.mktemp("tx-artifacts")),
+                               timeout=1500)  # ~3 min alone on 2 cores; 8 min measured on a loaded machine
     assert result.returncode == 0, result.stderr[-3000:]
     return {r["recipe"]: Path(r["bundle"]) for r in summary["recipes"]}
 
