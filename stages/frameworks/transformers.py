@@ -135,8 +135,11 @@ def tokenize(model_dir: Path, options: dict | None, texts: list[str], length: in
     if pipe.tokenizer is None:
         raise ModelError("the logged pipeline has no tokenizer to tokenize validation text with")
     encoded = pipe.tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
-    return {name: np.asarray(encoded[name], dtype=np.int64) for name in _forward_inputs(pipe.model.config)
-            if name in encoded}
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    # A tokenizer that gives no token types (RoBERTa's) for a model whose forward takes them: all type 0, as
+    # the model assumes when they are not passed.
+    return {name: np.asarray(encoded[name], dtype=np.int64) if name in encoded else np.zeros_like(ids)
+            for name in _forward_inputs(pipe.model.config)}
 
 
 def fusion_hint(model: Pipeline) -> dict | None:
