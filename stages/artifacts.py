@@ -18,7 +18,7 @@ from stages.tensors import ModelSpec, load_arrays, save_arrays
 # The kinds, and the files each holds (besides any a stage adds for its own report).
 SOURCE = "source"  # fetch: source.json (flavor, uri, signature, ...) and model/ (the MLflow model as downloaded)
 SAMPLES = "samples"  # data: spec.json, inputs.npz, labels.npz (when the data has labels)
-ONNX = "onnx"  # model.onnx; optimize adds quantizable.onnx, quantize/olive add quantize.json, tune adds
+ONNX = "onnx"  # model.onnx; export may add fusion_hint.json, optimize adds quantizable.onnx, quantize/olive add quantize.json, tune adds
 #                tune.json and session_config.json
 METRICS = "metrics"  # validate: metrics.json, reference.npz, candidate.npz, sweep.npz
 VERDICTS = "verdicts"  # gate: verdicts.json
@@ -92,6 +92,16 @@ def write_samples(out: Path, model_spec: ModelSpec, arrays: dict[str, np.ndarray
 
 def onnx_model(folder: Path) -> Path:
     return folder / "model.onnx"
+
+
+def fusion_hint(folder: Path) -> dict | None:
+    """export's transformer fusion settings from the model's config ({model_type, num_heads, hidden_size, from}),
+    or None: optimize uses them when the recipe names none."""
+    return _optional_json(folder / "fusion_hint.json")
+
+
+def write_fusion_hint(out: Path, hint: dict) -> None:
+    write_json(out / "fusion_hint.json", hint)
 
 
 def quantizable(folder: Path) -> Path:

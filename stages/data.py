@@ -1,7 +1,7 @@
 """data: the validation samples and the tensor spec every later stage works from.
 
-Samples come from the model's MLflow input example, a .npz file, an .npz logged in the source run, or are
-drawn from the spec with a seed. The spec comes from the recipe's `inputs`, else from the MLflow signature.
+Samples come from the model's MLflow input example, a .npz file, an .npz logged in the source run, text tokenized
+by the model's own tokenizer, or are drawn from the spec with a seed. The spec comes from the recipe's `inputs`, else from the MLflow signature.
 """
 
 from __future__ import annotations
@@ -56,13 +56,17 @@ class TensorDecl(Strict):
 
 
 class Data(Strict):
-    source: Literal["input_example", "npz", "run_artifact", "synthetic"] = "synthetic"
-    path: str | None = Field(None, description="npz: file path; run_artifact: path inside the source model's run")
+    source: Literal["input_example", "npz", "run_artifact", "synthetic", "text"] = "synthetic"
+    path: str | None = Field(None, description="npz: file path; run_artifact: path inside the source model's run; "
+                             "text: a text file, one sample per line")
+    texts: list[str] | None = Field(None, min_length=1, description="text: the samples (instead of a file)")
     labels: str | None = Field(None, description="Array name in the npz that holds class labels")
-    samples: int = Field(32, ge=1, le=MAX_SAMPLES, description="Synthetic: how many; npz/run_artifact: at most how many")
+    samples: int = Field(32, ge=1, le=MAX_SAMPLES,
+                         description="Synthetic: how many; npz/run_artifact/text: at most how many")
     seed: Seed = 0
     axes: dict[str, Annotated[int, Field(ge=1, le=MAX_AXIS)]] = Field(
-        default_factory=dict, description="Synthetic: size of each named dynamic axis")
+        default_factory=dict, description="Synthetic: size of each named dynamic axis; "
+                                          "text: tokens per sample (the sequence axis)")
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> "Data":
@@ -77,6 +81,10 @@ class Data(Strict):
                                  "no leading '/')")
         if self.labels and self.source not in ("npz", "run_artifact"):
             raise ValueError("'labels' needs source npz or run_artifact")
+        if self.source == "text" and (self.path is None) == (self.texts is None):
+            raise ValueError("source text takes either 'texts' (a list) or 'path' (a text file), one of them")
+        if self.texts is not None and self.source != "text":
+            raise ValueError("'texts' needs source text")
         return self
 
 
@@ -124,7 +132,8 @@ def _fixed_sizes(declared: list[int], own: list[int]) -> list[int]:
     return [mine if d == -1 and mine != -1 else d for d, mine in zip(declared, own)]
 
 
-def _spec(config: Config, source: dict, model_dir: Path) -> ModelSpec:
+def _spec(config: Config, source: dict, model_dir: Path) -> tuple[ModelSpec, dict[str, tuple]]:
+    """The tensor spec, and the synthetic-data bounds {input: (low, high)} the recipe or the model gives."""
     outputs = config.outputs
     signature = source["signature"]
     if not outputs and signature.get("outputs") and all(o.get("name") for o in signature["outputs"]):
@@ -132,7 +141,8 @@ def _spec(config: Config, source: dict, model_dir: Path) -> ModelSpec:
     if not outputs:  # the signature leaves them unnamed: the names the model itself gives them, when it says
         outputs = frameworks.model_outputs(source, model_dir, config.source_options) or None
     if config.inputs:
-        return ModelSpec([TensorSpec(t.name, t.dtype, t.shape) for t in config.inputs], outputs)
+        bounds = {t.name: (t.low, t.high) for t in config.inputs}
+        return ModelSpec([TensorSpec(t.name, t.dtype, t.shape) for t in config.inputs], outputs), bounds
     declared = _named_inputs(source, model_dir, config.source_options)
     if not declared:
         raise ModelError(
@@ -141,14 +151,17 @@ def _spec(config: Config, source: dict, model_dir: Path) -> ModelSpec:
         )
     tensors = []
     for t in declared:
-        # -1 in a signature is a dynamic axis; the first is the batch, the others share names by position.
-        shape = [("batch" if i == 0 else f"dim{i}") if d == -1 else int(d) for i, d in enumerate(t["shape"])]
+        # -1 in a signature is a dynamic axis; the first is the batch, the others share names by position. A
+        # model's framework may name its axes (e.g. a transformer's `sequence`).
+        shape = [d if isinstance(d, str) else ("batch" if i == 0 else f"dim{i}") if d == -1 else int(d)
+                 for i, d in enumerate(t["shape"])]
         tensors.append(TensorSpec(t["name"], np.dtype(t["dtype"]).name, shape))
-    return ModelSpec(tensors, outputs)
+    bounds = {t["name"]: (t.get("low"), t.get("high")) for t in declared}
+    return ModelSpec(tensors, outputs), bounds
 
 
-def _synthetic(spec: ModelSpec, config: Config, declared: dict[str, TensorDecl]) -> dict[str, np.ndarray]:
-    data = config.data
+def _synthetic(spec: ModelSpec, data: Data, axes: dict[str, int], bounds: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Random samples of the spec; `axes` sizes the named dynamic axes, `bounds` gives (low, high) per input."""
     rng = np.random.default_rng(data.seed)
     arrays, total = {}, 0
     for i, tensor in enumerate(spec.inputs):
@@ -158,14 +171,13 @@ def _synthetic(spec: ModelSpec, config: Config, declared: dict[str, TensorDecl])
                 shape.append(dim)
             elif axis == 0:
                 shape.append(data.samples)
-            elif dim in data.axes:
-                shape.append(data.axes[dim])
+            elif dim in axes:
+                shape.append(axes[dim])
             else:
                 raise ModelError(
                     f"validation.data.axes.{dim}: size needed to draw synthetic '{tensor.name}' (axis {axis} is dynamic)"
                 )
-        decl = declared.get(tensor.name)
-        low, high = (decl.low, decl.high) if decl else (None, None)
+        low, high = bounds.get(tensor.name, (None, None))
         dtype = np.dtype(tensor.dtype)
         total += math.prod(shape) * max(dtype.itemsize, 8)  # drawn as 64-bit, then cast
         if total > MAX_DATA_BYTES:
@@ -260,17 +272,47 @@ def _from_file(config: Config, spec: ModelSpec, source: dict, out: Path, context
     return arrays, labels, origin
 
 
+def _texts(data: Data, context: dict) -> tuple[list[str], str]:
+    """The validation texts (at most `samples`), and where they came from."""
+    if data.texts is not None:
+        return data.texts[: data.samples], "validation.data.texts"
+    path = Path(context["text"])
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"validation.data.path {path}: not a readable UTF-8 text file ({exc})") from None
+    texts = [line for line in lines if line]
+    if not texts:
+        raise DataError(f"validation.data.path {path}: no text (one sample per line)")
+    return texts[: data.samples], f"validation.data.path {path}"
+
+
+def _from_text(spec: ModelSpec, data: Data, axes: dict[str, int], source: dict, model_dir: Path,
+               options: dict, context: dict) -> tuple[dict[str, np.ndarray], str]:
+    """Text tokenized by the model's own tokenizer, padded/truncated to the sequence axis' size so samples stack."""
+    texts, origin = _texts(data, context)
+    sequence = next((d for t in spec.inputs for d in t.shape[1:2] if isinstance(d, str)), None)
+    if sequence is None or sequence not in axes:
+        raise ModelError(f"validation.data.axes: the number of tokens per text is needed (axis {sequence})")
+    return frameworks.tokenize(source, model_dir, options, texts, axes[sequence]), origin
+
+
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     source = artifacts.source(inputs["model"])
-    spec = _spec(config, source, artifacts.model_dir(inputs["model"]))
+    model_dir = artifacts.model_dir(inputs["model"])
+    spec, bounds = _spec(config, source, model_dir)
     data = config.data
     labels = None
+    if data.source in ("synthetic", "text"):
+        # The model's framework may size its own axes (a transformer's sequence); the recipe's sizes win.
+        axes = {**(frameworks.default_axes(source, model_dir, config.source_options) or {}), **data.axes}
     if data.source == "synthetic":
-        declared = {t.name: t for t in (config.inputs or [])}
-        arrays = _synthetic(spec, config, declared)
+        arrays = _synthetic(spec, data, axes, bounds)
         origin = "synthetic data"
+    elif data.source == "text":
+        arrays, origin = _from_text(spec, data, axes, source, model_dir, config.source_options, context)
     elif data.source == "input_example":
-        arrays = _from_input_example(artifacts.model_dir(inputs["model"]), spec, source)
+        arrays = _from_input_example(model_dir, spec, source)
         origin = f"input example of {source['uri']}"
     else:
         arrays, labels, origin = _from_file(config, spec, source, out, context)
@@ -293,15 +335,19 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
 
 def plan(graph) -> None:
     recipe = graph.recipe
-    config = {"data": recipe.validation.data.model_dump(mode="json"),
+    data = recipe.validation.data.model_dump(mode="json")
+    if data["texts"] is None:
+        del data["texts"]  # a recipe without text keys its data step as before text existed
+    config = {"data": data,
               "inputs": [t.model_dump(mode="json") for t in recipe.inputs] if recipe.inputs else None,
               "outputs": recipe.outputs, "source_options": graph.source_options}
     files: dict[str, str] = {}
     context: dict = {"tracking_uri": graph.source.tracking_uri}
-    if recipe.validation.data.source == "npz":
-        npz = graph.resolve(recipe.validation.data.path or "")
-        if not npz.is_file():
-            raise RecipeError(f"recipe {graph.recipe_path}: validation.data.path: no such file {npz}")
-        config["data"]["path"] = npz.name  # the file's content is keyed (files), not where it lies
-        files["npz"] = context["npz"] = str(npz)
+    kind = recipe.validation.data.source
+    if kind == "npz" or (kind == "text" and recipe.validation.data.path):
+        local = graph.resolve(recipe.validation.data.path or "")
+        if not local.is_file():
+            raise RecipeError(f"recipe {graph.recipe_path}: validation.data.path: no such file {local}")
+        config["data"]["path"] = local.name  # the file's content is keyed (files), not where it lies
+        files[kind] = context[kind] = str(local)
     graph.add("data", config, {"model": "fetch"}, files=files, context=context)

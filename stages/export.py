@@ -144,6 +144,12 @@ def _output_names(framework, model, spec: ModelSpec, count: int) -> list[str]:
     return spec.outputs or [f"output_{i}" for i in range(count)]
 
 
+def _fusion_hint(framework, model) -> dict | None:
+    """The transformer fusion settings the model's framework reads from the model (e.g. its config), or None."""
+    hint = getattr(framework, "fusion_hint", None)
+    return hint(model) if hint is not None else None
+
+
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import onnx
 
@@ -160,6 +166,9 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         )
 
     path = artifacts.onnx_model(out)
+    hint = _fusion_hint(framework, model)
+    if hint is not None:
+        artifacts.write_fusion_hint(out, hint)
     try:
         done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
     except ModelError as exc:  # a model its exporter cannot convert: the one line names which model
@@ -181,6 +190,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     ops = Counter(node.op_type for node in graph.graph.node)
     return {
         **done,
+        **({"fusion_hint": hint} if hint else {}),
         "flavor": flavor,
         "nodes": sum(ops.values()),
         "top_ops": dict(ops.most_common(8)),

@@ -1,5 +1,5 @@
-"""optimize: onnxruntime.transformers fusions (when the recipe names a transformer model type), then ONNX
-Runtime's offline graph optimization. Records node counts and which fused operators appeared."""
+"""optimize: onnxruntime.transformers fusions (when the recipe names a transformer model type, or the export
+read one from the model's config), then ONNX Runtime's offline graph optimization. Records node counts and which fused operators appeared."""
 
 from __future__ import annotations
 
@@ -53,6 +53,17 @@ def _ops(path: Path) -> Counter:
     return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
+def _transformer(config: Config, exported: Path) -> tuple[TransformerFusion | None, str | None]:
+    """The fusion to run and where its settings came from: the recipe's `optimize.transformer` when set (it wins),
+    else what the export read from the model's own config (a transformers model), else none."""
+    if config.transformer:
+        return config.transformer, "recipe optimize.transformer"
+    hint = artifacts.fusion_hint(exported)
+    if hint is None:
+        return None, None
+    return TransformerFusion(**{k: v for k, v in hint.items() if k != "from"}), hint["from"]
+
+
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     from stages import onnx_runtime
 
@@ -60,7 +71,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     before = _ops(source)
     fusions: dict[str, int] = {}
     current = source
-    transformer = config.transformer
+    transformer, origin = _transformer(config, inputs["onnx"])
     if transformer:
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -95,6 +106,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     return {
         "level": config.level,
         "transformer": transformer.model_type if transformer else None,
+        "transformer_settings": ({"num_heads": transformer.num_heads, "hidden_size": transformer.hidden_size,
+                                  "from": origin} if transformer else None),
         "fusions": fusions,
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),

@@ -106,6 +106,16 @@ def _task(labels: np.ndarray, names: list[str], reference: list[np.ndarray], can
     return task
 
 
+def _task_parity(framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], names: list[str],
+                 reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict | None:
+    """Agreement at the task's level (e.g. a text classifier's labels) from the framework's optional
+    `task_parity`, which knows what the outputs mean; None when it has none."""
+    hook = getattr(framework, "task_parity", None)
+    if hook is None:
+        return None
+    return hook(model, spec, feeds, dict(zip(names, reference)), dict(zip(names, candidate)))
+
+
 def _localization(settings: Localize, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray],
                   reference: list[np.ndarray], candidate: list[np.ndarray], exported: Path) -> dict:
     """The layer-by-layer comparison against the exported graph, on the samples that differ most."""
@@ -167,6 +177,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
                                                                                     runner, names)
     artifacts.write_sweep(out, sweep_arrays)
     task = _task(labels, names, reference, candidate) if labels is not None else None
+    task_parity = _task_parity(framework, model, spec, feeds, names, reference, candidate)
     localization = (_localization(config.localize, framework, model, spec, feeds, reference, candidate,
                                   artifacts.onnx_model(inputs["exported"])) if config.localize.enabled else None)
     timings = _latency(settings, framework, model, spec, feeds, runner)
@@ -180,6 +191,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         "outputs": outputs,
         "shape_sweep": sweep,
         "task": task,
+        "task_parity": task_parity,
         "localization": localization,
         "latency": timings,
     }
@@ -188,6 +200,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     return {
         "parity": {n: {k: o.get(k) for k in ("max_abs_error", "cosine")} for n, o in outputs.items()},
         "accuracy": {k: task[k] for k in ("reference", "candidate")} if task else None,
+        **({"task_parity": {task_parity["metric"]: task_parity["value"]}} if task_parity else {}),
         "first_divergent_layer": first["layer"] if first else None,
         "speedup_p50": {b: round(t["speedup_p50"], 3) for b, t in timings.items()},
     }

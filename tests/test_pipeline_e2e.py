@@ -26,7 +26,8 @@ def built(registry, tmp_path_factory):
 def test_first_run_publishes_two_passing_bundles(built):
     artifacts, summary = built
     assert summary["exit_code"] == 0
-    assert {r["recipe"] for r in summary["recipes"]} == {"digits-cnn", "bert-encoder", "digits-keras"}
+    assert {r["recipe"] for r in summary["recipes"]} == {"digits-cnn", "bert-encoder", "digits-keras",
+                                                         "text-classifier"}
     for outcome in summary["recipes"]:
         assert outcome["status"] == "passed"
         bundle = Path(outcome["bundle"])
@@ -50,7 +51,7 @@ def test_first_run_publishes_two_passing_bundles(built):
         stages = [s["stage"] for s in manifest["steps"]]
         assert stages[:6] == ["fetch", "data", "export", "optimize", "validate", "gate"]
         framework = manifest["metrics"]["framework"]
-        assert manifest["tools"]["torch" if framework == "pytorch" else "tf2onnx"]
+        assert manifest["tools"][{"pytorch": "torch", "tensorflow": "tf2onnx", "transformers": "transformers"}[framework]]
         report = (bundle / "report.md").read_text()
         assert "PASSED" in report and "speedup (p50)" in report and "## Parity" in report
 
@@ -100,7 +101,7 @@ def test_second_run_is_all_cached(built, registry):
     result, summary = run_json(str(RECIPES), "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 0, result.stderr
     assert steps_by_status(summary, "ran") == []
-    assert len(steps_by_status(summary, "cached")) == sum(len(r["steps"]) for r in summary["recipes"]) == 29
+    assert len(steps_by_status(summary, "cached")) == sum(len(r["steps"]) for r in summary["recipes"]) == 36
     assert all(not r["delivered"] for r in summary["recipes"])  # bundles already identical
     assert summary["seconds"] < 2.0, summary["seconds"]
     plan = kiln("plan", "--json", str(RECIPES), "--tracking-uri", registry, "--artifacts", str(artifacts))

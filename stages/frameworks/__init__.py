@@ -9,8 +9,13 @@ export it to ONNX:
     set_threads(n), TOOLS: list of distributions whose versions key the steps that use it
 and optionally
     ExportOptions                                             pydantic model: its fields join the recipe's `export`
-    model_inputs(model_dir, options) -> [{name, dtype, shape}]   the model's own inputs (-1: dynamic axis), for
-                                                              MLflow signatures that leave them unnamed
+    model_inputs(model_dir, options) -> [{name, dtype, shape}]   the model's own inputs (-1 or a name: dynamic
+                                                              axis; optional low/high: bounds of valid synthetic
+                                                              values), for signatures that leave them unnamed
+    default_axes(model_dir, options) -> {axis: size}          sizes of its named axes when the recipe gives none
+    tokenize(model_dir, options, texts, length) -> feeds      text models: validation text as the model's tensors
+    fusion_hint(model) -> {model_type, num_heads, hidden_size, from} | None   at export: the transformer fusion
+                                                              the model's config implies (optimize uses it)
     model_outputs(model_dir, options) -> [name]              the model's own output names, read before the spec
     output_names(model, spec) -> [str]                        at export, from the loaded model, when the spec's
                                                               outputs (the recipe's or signature's) say too little
@@ -32,6 +37,7 @@ FRAMEWORKS: dict[str, str] = {
     "tensorflow": "stages.frameworks.tensorflow",
     "onnx": "stages.frameworks.onnx",
     "sklearn": "stages.frameworks.sklearn",
+    "transformers": "stages.frameworks.transformers",
 }
 
 
@@ -67,13 +73,27 @@ def model_outputs(source: dict, model_dir: Path, options: dict) -> list[str] | N
     return _ask_model(source, "model_outputs", model_dir, options)
 
 
-def _ask_model(source: dict, function: str, model_dir: Path, options: dict):
+def default_axes(source: dict, model_dir: Path, options: dict) -> dict[str, int] | None:
+    """Sizes of the model's own named axes (e.g. a transformer's sequence) from its framework's optional
+    `default_axes(model_dir, options)`; None when the framework has none."""
+    return _ask_model(source, "default_axes", model_dir, options)
+
+
+def tokenize(source: dict, model_dir: Path, options: dict, texts: list[str], length: int) -> dict:
+    """Validation text as the model's input tensors, by its framework's `tokenize`; only text models have one."""
+    if not hasattr(framework(source.get("flavor") or "unknown"), "tokenize"):
+        raise ModelError(f"validation.data.source text: {source['uri']} is a {source.get('flavor')} model, which "
+                         "takes tensors, not text (text needs a model with a tokenizer: the transformers flavor)")
+    return _ask_model(source, "tokenize", model_dir, options, texts, length)
+
+
+def _ask_model(source: dict, function: str, model_dir: Path, options: dict, *args):
     module = framework(source.get("flavor") or "unknown")
     reader = getattr(module, function, None)
     if reader is None:
         return None
     try:
-        return reader(model_dir, options)
+        return reader(model_dir, options, *args)
     except ModelError as exc:
         raise ModelError(f"{source['uri']}: {exc}") from None
 

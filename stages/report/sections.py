@@ -17,6 +17,7 @@ def sections(manifest: dict) -> list[dict]:
         _parity(metrics),
         *_shape_sweep(metrics),
         *_task(metrics),
+        *_task_parity(metrics),
         _latency(metrics, framework),
         *_error_histograms(metrics),
         *_variants(manifest.get("variants") or []),
@@ -70,6 +71,18 @@ def _task(metrics: dict) -> list[dict]:
              "rows": [["top-1 accuracy", task["reference"], task["candidate"], task["drop"]],
                       ["macro F1", task.get("reference_f1"), task.get("candidate_f1"), None]],
              "text": [f"{task['samples']} labeled samples, output `{task['output']}`"]}]
+
+
+def _task_parity(metrics: dict) -> list[dict]:
+    found = metrics.get("task_parity")
+    if not found:
+        return []
+    return [{"title": "Task-level parity", "header": ["task", "metric", "output", "value", "compared"],
+             "rows": [[found["task"], found["metric"], found["output"], found["value"],
+                       f"{found['compared']} {found['unit']}"]],
+             "text": ["the candidate's task result against the original's on the validation samples"
+                      + (f" ({found['distinct_labels']} distinct labels among the original's)"
+                         if "distinct_labels" in found else "")]}]
 
 
 def _latency(metrics: dict, framework: str | None) -> dict:
