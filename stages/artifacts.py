@@ -21,8 +21,8 @@ from stages.tensors import ModelSpec, load_arrays, save_arrays
 # The kinds, and the files each holds (besides any a stage adds for its own report).
 SOURCE = "source"  # fetch: source.json (flavor, uri, signature, ...) and model/ (the MLflow model as downloaded)
 SAMPLES = "samples"  # data: spec.json, inputs.npz, labels.npz (when the data has labels)
-ONNX = "onnx"  # model.onnx; optimize adds quantizable.onnx, quantize/olive add quantize.json, tune adds
-#                tune.json and session_config.json
+ONNX = "onnx"  # model.onnx (+ model.onnx.data for a large model, see save_onnx); optimize adds quantizable.onnx,
+#                quantize/olive add quantize.json, tune adds tune.json and session_config.json
 METRICS = "metrics"  # validate: metrics.json, reference.npz, candidate.npz, sweep.npz
 VERDICTS = "verdicts"  # gate: verdicts.json
 SERVING = "serving"  # serve.<target>: the target's files, or SKIPPED with the reason
