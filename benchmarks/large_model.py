@@ -1,14 +1,15 @@
 """A model over protobuf's 2 GiB limit through the whole pipeline: ONNX external data end to end.
 
-    python benchmarks/large_model.py [--layers 9] [--hidden 8192] [--keep]
+    python benchmarks/large_model.py [--layers 8] [--hidden 8192] [--keep]
 
-Builds an MLP of `layers` Linear(hidden, hidden) + ReLU layers with random weights (9 x 8192 x 8192 fp32: 2.4 GB,
+Builds an MLP of `layers` Linear(hidden, hidden) + ReLU layers with random weights (8 x 8192 x 8192 fp32: 2.15 GB,
 He-initialized so activations neither vanish nor explode), logs it with mlflow.pytorch (pickle) in a temporary
 sqlite registry under a temporary artifacts folder, and runs the real `kiln run` on two recipes for it: the fp32
 bundle and the INT8 (dynamic, per-channel) bundle, which share every step but publish. Prints, per bundle, the
 sizes of model.onnx and its data file; per step, its time and the model files it wrote; the peak RSS of the
 largest kiln process; and the parity figures of each candidate against PyTorch. Nothing is written into the
-repository; the temporary folder (≈ 25 GB at 9 layers) is removed unless --keep.
+repository; the temporary folder (≈ 20 GB at 8 layers) is removed unless --keep. Memory: the INT8 step's worker
+peaked at 15.6 GB RSS with 9 layers (2.4 GB) and was killed on a 23 GB machine shared with other work.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def _recipes(folder: Path) -> list[Path]:
         "validation": {"data": {"source": "synthetic", "samples": 8, "seed": 0},
                        # a b1 call reads all 2.4 GB of weights: the budget, not the count, ends the timing
                        "latency": {"batch_sizes": [1], "warmup": 2, "iterations": 100, "time_budget_s": 20},
-                       "shape_sweep": False, "localize": {"enabled": True, "samples": 2}},
+                       # localization would hold a third copy of the weights in the validate worker
+                       "shape_sweep": False, "localize": {"enabled": False}},
         "gates": {"parity": {"default": {"atol": 1.0e-3, "rtol": 1.0e-3, "min_cosine": 0.9999}}},
         "variants": [{"name": "int8", "kind": "int8-dynamic", "per_channel": True,
                       "gates": {"default": {"min_cosine": 0.99, "atol": 10.0, "rtol": 1.0}},
@@ -140,15 +142,15 @@ def _report(summary: dict, artifacts: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--layers", type=int, default=8)  # 8 x 8192^2 fp32: 2.15 GB, just over 2 GiB
     parser.add_argument("--hidden", type=int, default=8192)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (registry, store, bundles)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="kiln-large-"))
     try:
         uri, register_s, weights = _register(work, args.layers, args.hidden)
-        print(f"model: {args.layers} x Linear({args.hidden}, {args.hidden}), {weights / 1e9:.2f} GB fp32 "
-              f"(protobuf limit {2**31 / 1e9:.2f} GB); logged + registered in {register_s:.0f} s")
+        print(f"model: {args.layers} x Linear({args.hidden}, {args.hidden}), {weights:,} bytes fp32 "
+              f"(protobuf's limit: {2**31:,}); logged + registered in {register_s:.0f} s")
         recipes = work / "recipes"
         recipes.mkdir()
         _recipes(recipes)

@@ -177,6 +177,10 @@ def _proto_bytes(proto) -> int:
         return 2**31
 
 
+def has_external_data(path: Path) -> bool:
+    return bool(_locations(load_graph(path)))
+
+
 def save_onnx(proto, path: Path) -> None:
     """Write a fully loaded ModelProto in kiln's layout (external data above the threshold). A data file left
     by an earlier write is removed first: ONNX appends to an existing one."""

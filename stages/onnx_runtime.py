@@ -115,8 +115,10 @@ def optimize_offline(source: Path, target: Path, level: str, providers: list[str
     options.log_severity_level = 3
     if artifacts.data_file(target).exists():
         artifacts.data_file(target).unlink()
-    if artifacts.onnx_bytes(source) > artifacts.external_data_bytes():
-        # ONNX Runtime cannot save a graph over protobuf's 2 GiB inline: the initializers go beside it.
+    if artifacts.has_external_data(source) or artifacts.onnx_bytes(source) > artifacts.external_data_bytes():
+        # ONNX Runtime cannot save a graph over protobuf's 2 GiB inline: the initializers go beside it. And
+        # told nothing, it keeps initializers read from external data as references to the *source's* data
+        # file, which the target's folder does not have; settle_onnx inlines a small result afterwards.
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          artifacts.data_file(target).name)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",

@@ -126,6 +126,15 @@ def test_optimize_quantize_fp16_and_localize_on_external_data(tmp_path, monkeypa
         final = target.with_name("final.onnx")
         assert _locations(final) == {"final.onnx.data"}
         np.testing.assert_allclose(_run(final, feeds), expected, atol=tolerance * np.abs(expected).max())
+        # a quantized model written with external data but under the threshold, optimized into another folder
+        # (quantize's raw model sits beside the step's out/): one self-contained file there
+        monkeypatch.setenv(ENV, str(2 * artifacts.onnx_bytes(target)))
+        elsewhere = tmp_path / kind / "out" / "model.onnx"
+        elsewhere.parent.mkdir()
+        onnx_runtime.optimize_offline(target, elsewhere, "basic")
+        assert [p.name for p in elsewhere.parent.iterdir()] == ["model.onnx"] and not _locations(elsewhere)
+        np.testing.assert_allclose(_run(elsewhere, feeds), _run(final, feeds), rtol=1e-6)
+        monkeypatch.setenv(ENV, "4096")
     tensors = localize.onnx_tensors(artifacts.onnx_model(exported), feeds)  # ONNX Runtime from memory + folder
     assert {"h", "r", "y"} <= set(tensors)
     np.testing.assert_allclose(tensors["y"], expected, rtol=1e-6)
