@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EXTERNAL_DATA_BYTES
+from conftest import EXTERNAL_DATA_BYTES, derive_recipe, run_json, steps_by_status
 from stages import artifacts, localize, onnx_runtime, optimize, quantize
 
 ENV = artifacts.EXTERNAL_DATA_ENV
@@ -174,3 +174,20 @@ def test_bundle_carries_model_and_data_file_and_passes_parity(external_bundle):
     folder = bundle / "serving/triton/digits-ext" / str(version)
     assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert (folder / "model.onnx.data").read_bytes() == data.read_bytes()
+
+
+@pytest.mark.slow
+def test_default_threshold_does_not_reuse_steps_of_the_external_layout(external_bundle, registry):
+    """The same recipe without the override, in the same store: fetch and data are reused, every step that
+    writes ONNX runs again (its key has no threshold now), and the bundle is one self-contained model.onnx."""
+    tmp = external_bundle["tmp"]
+    recipe = derive_recipe(tmp / "digits-ext-default.yaml", tmp / "digits-ext.yaml",
+                           {"publish": {"dest": str(tmp / "default-bundles")}, "serving": {"targets": []}})
+    result, summary = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(external_bundle["artifacts"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"digits-ext:fetch", "digits-ext:data"} <= set(steps_by_status(summary, "cached"))
+    assert {"digits-ext:export", "digits-ext:optimize", "digits-ext:quantize.int8"} <= set(steps_by_status(summary, "ran"))
+    bundle = Path(summary["recipes"][0]["bundle"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["data_file"] is None and not list(bundle.rglob("*.data"))
+    assert not _locations(bundle / "model.onnx") and manifest["gates"]["passed"]
