@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, create_model
 
 import stages
 from pipeline.schema import Strict
-from stages import machine, targets
+from stages import artifacts, machine, targets
 
 
 def stage(name: str) -> ModuleType:
@@ -41,11 +41,11 @@ def planners() -> list[ModuleType]:
 
 
 def keyed_config(name: str, config: BaseModel, inputs: dict) -> dict:
-    """What a step's key hashes: the stage's own choice (e.g. only the model's framework's options) or its config."""
+    """What a step's key hashes: the stage's own choice (e.g. only the model's framework's options) or its config,
+    plus the kiln-wide settings that change the layout of what it writes (the ONNX external-data threshold)."""
     module = stage(name)
-    if hasattr(module, "keyed"):
-        return module.keyed(config, inputs)
-    return config.model_dump(mode="json")
+    keyed = module.keyed(config, inputs) if hasattr(module, "keyed") else config.model_dump(mode="json")
+    return {**keyed, **artifacts.layout_key(module.OUTPUT)}
 
 
 def tools(name: str, config: BaseModel, inputs: dict) -> list[str]:

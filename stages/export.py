@@ -174,11 +174,13 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     except ModelError as exc:  # a model its exporter cannot convert: the one line names which model
         raise ModelError(f"{source['uri']}: {exc}") from None
 
+    external = artifacts.settle_onnx(path)  # one data file beside model.onnx when the model is that large
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"export: onnx.checker rejected the exported graph: {first_line(exc, None)}") from None
-    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=False)
+    # Graph edits need no weights: saved back, the graph keeps pointing at the data file, which stays as it is.
+    graph = onnx.shape_inference.infer_shapes(artifacts.load_graph(path), strict_mode=False)
     _drop_stack_traces(graph)
     _name_input_dims(graph, spec)
     onnx.save(graph, str(path))
@@ -194,7 +196,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         "flavor": flavor,
         "nodes": sum(ops.values()),
         "top_ops": dict(ops.most_common(8)),
-        "bytes": path.stat().st_size,
+        "bytes": artifacts.onnx_bytes(path),
+        "external_data": artifacts.data_file(path).name if external else None,
         "outputs": output_names,
         "dynamic_axes_checked": checked,
         "renamed_output_dims": renamed,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import artifacts
+
 RELATIVE_TOLERANCE = 1e-3  # max |a - b| / max |reference| above this is a divergence
 
 
@@ -48,15 +50,18 @@ def with_all_outputs(model):
     return inferred
 
 
-def onnx_tensors(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def onnx_tensors(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every tensor of the ONNX model at `path` on these feeds. The graph is expanded without its weights and
+    handed to ONNX Runtime in memory, which reads any external data from the model's folder."""
     import onnxruntime as ort
 
     from stages import onnx_runtime
 
-    expanded = with_all_outputs(model)
+    expanded = with_all_outputs(artifacts.load_graph(path))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     options.log_severity_level = 3
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     sess = ort.InferenceSession(expanded.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, onnx_runtime.feeds_for(sess, feeds))))
@@ -122,15 +127,13 @@ def match_layers(model, layer_outputs: list[tuple[str, str, np.ndarray]], tensor
 def localize(framework, model, spec, feeds: dict[str, np.ndarray], onnx_path: Path,
              tolerance: float = RELATIVE_TOLERANCE) -> dict:
     """Layer-by-layer comparison of the original model and an ONNX graph on the same inputs."""
-    import onnx
-
     if not hasattr(framework, "layer_outputs"):
         return {"available": False, "reason": "this framework does not expose layer outputs"}
     layer_outputs = framework.layer_outputs(model, spec, feeds)
     if not layer_outputs:
         return {"available": False, "reason": "the model exposes no layer outputs (e.g. a SavedModel signature)"}
-    graph = onnx.load(str(onnx_path))
-    layers = match_layers(graph, layer_outputs, onnx_tensors(graph, feeds))
+    graph = artifacts.load_graph(onnx_path)
+    layers = match_layers(graph, layer_outputs, onnx_tensors(onnx_path, feeds))
     first = first_divergent(layers, tolerance)
     return {
         "available": True,
@@ -145,11 +148,9 @@ def localize(framework, model, spec, feeds: dict[str, np.ndarray], onnx_path: Pa
 def compare_onnx(reference_path: Path, candidate_path: Path, feeds: dict[str, np.ndarray],
                  tolerance: float = RELATIVE_TOLERANCE) -> dict:
     """Tensor-by-tensor comparison of two ONNX graphs that share tensor names (e.g. FP32 vs a variant)."""
-    import onnx
-
-    reference_model = onnx.load(str(reference_path))
-    reference = onnx_tensors(reference_model, feeds)
-    candidate = onnx_tensors(onnx.load(str(candidate_path)), feeds)
+    reference_model = artifacts.load_graph(reference_path)
+    reference = onnx_tensors(reference_path, feeds)
+    candidate = onnx_tensors(candidate_path, feeds)
     layers = []
     for node in reference_model.graph.node:
         for name in node.output:

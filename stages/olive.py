@@ -125,7 +125,7 @@ def _graph_change(before: Path, after: Path) -> dict:
         "nodes_after": sum(new.values()),
         "ops_added": dict(sorted((new - old).items())),
         "ops_removed": dict(sorted((old - new).items())),
-        "bytes": after.stat().st_size,
+        "bytes": artifacts.onnx_bytes(after),
     }
 
 
@@ -344,13 +344,13 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         "reduce_range": None,
         "calibration": record["calibration"] if uses_data else None,
         "fallback": None,
-        "bytes": artifacts.onnx_model(out).stat().st_size,
-        "fp32_bytes": artifacts.onnx_model(inputs["onnx"]).stat().st_size,
+        "bytes": artifacts.onnx_bytes(artifacts.onnx_model(out)),
+        "fp32_bytes": artifacts.onnx_bytes(artifacts.onnx_model(inputs["onnx"])),
         "record": "olive.json",
     })
     return {"variant": variant.name, "kind": "olive", "olive": record["olive_version"],
             "passes": [p["type"] for p in passes], "pass_seconds": seconds,
-            "bytes": artifacts.onnx_model(out).stat().st_size}
+            "bytes": artifacts.onnx_bytes(artifacts.onnx_model(out))}
 
 
 def plan(graph) -> None:

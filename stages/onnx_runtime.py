@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import artifacts
+
 LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 ONNX_TO_NUMPY = {
@@ -103,15 +105,27 @@ def session_from(path: Path, config: dict):
 def optimize_offline(source: Path, target: Path, level: str, providers: list[str] | None = None,
                      provider_options: list[dict] | None = None) -> None:
     """ONNX Runtime's offline graph optimization: load `source` at `level` (a key of LEVELS) and save the graph
-    the session optimized to `target`. On the CPU provider unless `providers` say otherwise."""
+    the session optimized to `target`, in kiln's layout (external data in `<target>.data` for a large model).
+    On the CPU provider unless `providers` say otherwise."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     options.optimized_model_filepath = str(target)
     options.log_severity_level = 3
+    if artifacts.data_file(target).exists():
+        artifacts.data_file(target).unlink()
+    if artifacts.has_external_data(source) or artifacts.onnx_bytes(source) > artifacts.external_data_bytes():
+        # ONNX Runtime cannot save a graph over protobuf's 2 GiB inline: the initializers go beside it. And
+        # told nothing, it keeps initializers read from external data as references to the *source's* data
+        # file, which the target's folder does not have; settle_onnx inlines a small result afterwards.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         artifacts.data_file(target).name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         str(artifacts.EXTERNAL_TENSOR_BYTES))
     ort.InferenceSession(str(source), options, providers=providers or ["CPUExecutionProvider"],
                          provider_options=provider_options)
+    artifacts.settle_onnx(target)
 
 
 def bake(path: Path, config: dict, target: Path) -> dict:

@@ -93,7 +93,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
             ) from None
         fusions = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
         current = out / "fused.onnx"
-        fused.save_model_to_file(str(current))
+        fused.save_model_to_file(str(current), use_external_data_format=artifacts.onnx_bytes(source)
+                                 > artifacts.external_data_bytes())
 
     target = artifacts.onnx_model(out)
     onnx_runtime.optimize_offline(current, target, config.level)
@@ -101,7 +102,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     # fused CPU kernels (FusedConv, FusedGemm, ...) are not quantizable.
     onnx_runtime.optimize_offline(current, artifacts.quantizable(out), "basic")
     if current != source:
-        current.unlink()
+        artifacts.remove_onnx(current)
     after = _ops(target)
     return {
         "level": config.level,
@@ -111,7 +112,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         "fusions": fusions,
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
-        "bytes": target.stat().st_size,
+        "bytes": artifacts.onnx_bytes(target),
+        "external_data": artifacts.data_file(target).name if artifacts.data_file(target).exists() else None,
     }
 
 

@@ -21,7 +21,7 @@ from stages import artifacts, report
 from stages.report import plots
 from stages.tensors import ModelSpec, save_arrays
 
-VERSION = 6
+VERSION = 7
 
 
 class Config(StageConfig):
@@ -62,7 +62,7 @@ def _tuned_targets(inputs: dict[str, Path], out: Path, spec: ModelSpec, onnx_out
             continue
         folder = out / "targets" / target
         folder.mkdir(parents=True)
-        shutil.copyfile(artifacts.onnx_model(inputs[key]), folder / "model.onnx")
+        artifacts.copy_onnx(artifacts.onnx_model(inputs[key]), folder / "model.onnx")
         settings = artifacts.session_config(inputs[key])
         (folder / "session_config.json").write_text(json.dumps(_session_config(spec, settings, onnx_outputs), indent=2))
     return records
@@ -75,7 +75,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     verdicts = artifacts.verdicts(inputs["verdicts"])
     upstream = context["upstream"]
 
-    shutil.copyfile(artifacts.onnx_model(inputs["onnx"]), out / "model.onnx")
+    artifacts.copy_onnx(artifacts.onnx_model(inputs["onnx"]), out / "model.onnx")
     feeds = artifacts.inputs(inputs["data"])
     candidate = artifacts.candidate(inputs["metrics"])
     if spec.batch_axis_named:
@@ -98,6 +98,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
                    "requested_uri": context["source_uri"]},
         "model": {
             "file": "model.onnx",
+            # its initializers, when the model is too large for one protobuf (hashed in `files` like the rest)
+            "data_file": _data_file(out / "model.onnx"),
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in spec.inputs],
             "outputs": list(candidate),
         },
@@ -136,6 +138,12 @@ def _serving(inputs: dict[str, Path], out: Path, upstream: dict) -> dict[str, di
     return serving
 
 
+def _data_file(model: Path) -> str | None:
+    """The model's external-data file, by its path in the bundle, or None for a self-contained model.onnx."""
+    data = artifacts.data_file(model)
+    return data.name if data.exists() else None
+
+
 def _tools(steps: list[dict]) -> dict[str, str | None]:
     """The tool versions the steps recorded, merged (a later step's version of a tool wins), sorted by name."""
     tools_used: dict[str, str | None] = {}
@@ -160,7 +168,7 @@ def _variants(inputs: dict[str, Path], selected: str) -> list[dict]:
             "name": name,
             "kind": f"tuned: {tuned['candidate']}" if tuned else quantize.get("kind", "fp32"),
             "selected": name == selected,
-            "bytes": artifacts.onnx_model(folder).stat().st_size,
+            "bytes": artifacts.onnx_bytes(artifacts.onnx_model(folder)),
             "cosine": first.get("cosine"),
             "max_abs_error": first.get("max_abs_error"),
             "accuracy": (metrics.get("task") or {}).get("candidate"),
@@ -189,7 +197,8 @@ def _readme(name: str, source: dict, spec: ModelSpec, serving: dict[str, dict]) 
     lines = [
         f"# {name}: {source['uri']} as ONNX",
         "",
-        "- `model.onnx`: the optimized model that passed the gates in `report.md`.",
+        "- `model.onnx`: the optimized model that passed the gates in `report.md`; a model too large for one",
+        "  protobuf keeps its weights in `model.onnx.data` beside it (ONNX Runtime finds it: keep the two together).",
         "- `session_config.json`: the ONNX Runtime session settings it was validated with.",
         "- `targets/<target>/`: per hardware target, the tuned winner and the exact session settings it won with.",
         "- `sample_inputs.npz` / `sample_outputs.npz`: sample requests and the outputs to expect.",

@@ -109,15 +109,21 @@ def _quantize(kind: str, variant: QuantizeVariant, source: Path, target: Path, c
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     # Fused transformer graphs carry tensors without inferred types; the quantizer then needs a default.
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    # A model over protobuf's limit is read and written with external data (`<target>.data`); the data file a
+    # previous round left is removed first, since ONNX appends to an existing one.
+    large = artifacts.onnx_bytes(source) > artifacts.external_data_bytes()
+    if artifacts.data_file(target).exists():
+        artifacts.data_file(target).unlink()
     if kind == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=variant.keep_io_types,
                                          op_block_list=variant.op_block_list or None, node_block_list=exclude or None)
-        onnx.save(model, str(target))
+        artifacts.save_onnx(model, target)
     elif kind == "int8-dynamic":
         quantize_dynamic(source, target, per_channel=variant.per_channel, reduce_range=reduce_range,
-                         weight_type=types[variant.weight_type], nodes_to_exclude=exclude, extra_options=extra)
+                         weight_type=types[variant.weight_type], nodes_to_exclude=exclude, extra_options=extra,
+                         use_external_data_format=large)
     else:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
@@ -125,7 +131,7 @@ def _quantize(kind: str, variant: QuantizeVariant, source: Path, target: Path, c
                         per_channel=variant.per_channel, reduce_range=reduce_range,
                         activation_type=types[variant.activation_type], weight_type=types[variant.weight_type],
                         calibrate_method=methods[variant.calibration.method], nodes_to_exclude=exclude,
-                        extra_options=extra)
+                        extra_options=extra, use_external_data_format=large)
 
 
 def _float_outputs(graph) -> list[str]:
@@ -164,13 +170,11 @@ def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 def noisiest_nodes(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray]) -> list[dict]:
     """Quantizable FP32 nodes ranked by the SQNR they lose: output SQNR below their worst input's."""
-    import onnx
-
     from stages.localize import onnx_tensors
 
-    model = onnx.load(str(fp32))
-    reference = onnx_tensors(model, feeds)
-    candidate = onnx_tensors(onnx.load(str(quantized)), feeds)
+    model = artifacts.load_graph(fp32)
+    reference = onnx_tensors(fp32, feeds)
+    candidate = onnx_tensors(quantized, feeds)
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -240,8 +244,6 @@ def _fallback(fallback: Fallback, quantizable: list[str], build, judge, rank, fo
 
 
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    import onnx
-
     variant, gates = config.variant, config.gates.model_dump(mode="json")
     kind = variant.kind
     source = artifacts.quantizable(inputs["onnx"])
@@ -253,7 +255,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     if kind == "int8-static":
         calibration, calibration_sha = draw_samples(feeds, variant.calibration.samples, variant.calibration.seed)
 
-    graph = onnx.load(str(source), load_external_data=False).graph
+    graph = artifacts.load_graph(source).graph
     quantizable = [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
     kept_float = _float_outputs(graph) if kind == "int8-static" else []
     raw = out.parent / "quantized-raw.onnx"  # outside out/: node names as in the source, for the fallback
@@ -289,8 +291,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         "kept_float": kept_float,
         "fallback": {"rounds": rounds, "excluded": excluded, "stopped": stopped},
         "passes_parity": all(v["passed"] for v in found),
-        "bytes": target.stat().st_size,
-        "fp32_bytes": artifacts.onnx_model(inputs["onnx"]).stat().st_size,
+        "bytes": artifacts.onnx_bytes(target),
+        "fp32_bytes": artifacts.onnx_bytes(artifacts.onnx_model(inputs["onnx"])),
     }
     artifacts.write_quantize_record(out, record)
     return {k: record[k] for k in ("variant", "kind", "reduce_range", "passes_parity", "bytes")} | {

@@ -172,7 +172,8 @@ def _log(client, mlflow, tracking_uri, settings, manifest, bundle, tags, target,
             signature=infer_signature(samples, outputs) if samples and outputs else None,
             input_example=samples or None,
             pip_requirements=["onnxruntime"],
-            save_as_external_data=False,
+            # A model too large for one protobuf stays so in MLflow: its weights in a data file beside it.
+            save_as_external_data=artifacts.data_file(artifacts.onnx_model(bundle)).exists(),
         )
     return run.info.run_id, info.model_uri
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -278,7 +277,7 @@ def _parity(config: Config, inputs: dict[str, Path], context: dict, settings_for
             continue
         path = artifacts.onnx_model(inputs[f"cand.{cid}"])
         paths[cid] = path
-        row["bytes"] = path.stat().st_size
+        row["bytes"] = artifacts.onnx_bytes(path)
         row.update(_judge_candidate(path, settings_for(first), spec, feeds, reference, labels, what.gates.model_dump(mode="json")))
         rows.append(row)
     return rows, paths
@@ -368,7 +367,7 @@ def _save_winner(path: Path, settings: dict, out: Path) -> dict:
     """The winner's model with its online optimization baked in (unless it ran with none), and the session
     settings that load it as measured; returns those settings."""
     if settings["session_options"]["graph_optimization_level"] == onnx_runtime.LEVELS["disabled"]:
-        shutil.copyfile(path, artifacts.onnx_model(out))
+        artifacts.copy_onnx(path, artifacts.onnx_model(out))
     else:
         settings = onnx_runtime.bake(path, settings, artifacts.onnx_model(out))
     artifacts.write_session_config(out, settings)

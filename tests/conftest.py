@@ -232,3 +232,30 @@ def cli_invoke(*args: str):
 def error_lines(text: str) -> list[str]:
     """kiln's error lines: what a bad input must produce exactly one of."""
     return [line for line in text.splitlines() if line.startswith("kiln:")]
+
+
+# --- a model too large for one protobuf, in miniature ----------------------------------------------------------
+
+EXTERNAL_DATA_BYTES = 4096  # KILN_EXTERNAL_DATA_BYTES for the external-data build: digits-cnn's weights exceed it
+
+
+@pytest.fixture(scope="session")
+def external_bundle(registry, tmp_path_factory) -> dict:
+    """digits-cnn built by the real `kiln run` with the external-data threshold lowered, so every ONNX step
+    writes model.onnx + model.onnx.data as it would for a model over 2 GiB; served by Triton and TorchServe
+    (free ports), with an INT8 variant. Shared by tests/test_external_data.py and both server tests."""
+    tmp = tmp_path_factory.mktemp("external-data")
+    ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+    recipe = derive_recipe(tmp / "digits-ext.yaml", RECIPES / "digits-cnn.yaml", {
+        "name": "digits-ext",
+        "validation": {"latency": {"batch_sizes": [1], "iterations": 100, "time_budget_s": 2}},
+        "variants": [{"name": "int8", "kind": "int8-dynamic", "gates": {"default": {"min_cosine": 0.99}}}],
+        "serving": {"targets": ["triton", "torchserve"], "triton": {"max_batch_size": 32},
+                    "torchserve": {f"{name}_port": port for name, port in ports.items()}},
+    })
+    env = base_env(KILN_EXTERNAL_DATA_BYTES=str(EXTERNAL_DATA_BYTES))
+    started = time.monotonic()
+    result, summary = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(tmp / "artifacts"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"bundle": Path(summary["recipes"][0]["bundle"]), "summary": summary, "ports": ports, "tmp": tmp,
+            "artifacts": tmp / "artifacts", "seconds": time.monotonic() - started}

@@ -181,3 +181,46 @@ def test_inputs_come_from_the_graph(tmp_path):
     spec = ModelSpec([TensorSpec("x", "float32", ["batch", 2])], ["y"])
     x = np.arange(6, dtype=np.float32).reshape(3, 2)
     np.testing.assert_array_equal(onnx_source.predict(model, spec, {"x": x})[0], x)
+
+
+def test_large_model_keeps_external_data_in_one_file_beside_the_export(tmp_path, monkeypatch):
+    """Over the external-data threshold (lowered here; ~2 GiB by default) the export is not inlined: its
+    initializers go to model.onnx.data beside model.onnx, whatever file the logged model used."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from stages import artifacts
+    from stages.frameworks import onnx as onnx_source
+    from stages.tensors import ModelSpec, TensorSpec
+
+    folder = tmp_path / "model"
+    (folder / "weights").mkdir(parents=True)
+    (folder / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
+    values = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    (folder / "weights" / "w.bin").write_bytes(values.tobytes())
+    weight = TensorProto(name="weight", data_type=TensorProto.FLOAT, dims=[32, 32], data_location=TensorProto.EXTERNAL)
+    weight.external_data.add(key="location", value="weights/w.bin")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], initializer=[weight])
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+    spec = ModelSpec([TensorSpec("x", "float32", ["batch", 32])], ["y"])
+    x = np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)
+    model = onnx_source.load(folder)
+    for threshold, files in (("2048", ["model.onnx", "model.onnx.data"]), (None, ["model.onnx"])):
+        if threshold:
+            monkeypatch.setenv(artifacts.EXTERNAL_DATA_ENV, threshold)
+        else:
+            monkeypatch.delenv(artifacts.EXTERNAL_DATA_ENV)
+        out = tmp_path / f"export-{threshold}"
+        out.mkdir()
+        done = onnx_source.export_onnx(model, spec, {"x": x}, ["y"], "onnx", 18, out / "model.onnx")
+        assert sorted(p.name for p in out.iterdir()) == files
+        assert done["external_data_kept_bytes" if threshold else "external_data_inlined_bytes"] == values.nbytes
+        np.testing.assert_allclose(_run_x(out / "model.onnx", x), x @ values, rtol=1e-5, atol=1e-5)
+
+
+def _run_x(path: Path, x: np.ndarray) -> np.ndarray:
+    from stages import onnx_runtime
+
+    return onnx_runtime.run(onnx_runtime.session(path), {"x": x})[0]

@@ -5,6 +5,7 @@ answers single, raw-tensor and concurrent requests with the validated outputs.""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,6 +144,35 @@ def test_handler_raw_tensors_and_per_request_errors(handler):
     assert answers[4] == {"outputs": {"summed": [[5.0]]}}
 
 
+def test_handler_loads_external_data_from_the_model_dir(tmp_path, monkeypatch):
+    """A model whose weights are in model.onnx.data: the handler's session reads them from the extracted model
+    dir; without the data file it fails to initialize naming the file."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from stages import artifacts, onnx_runtime
+    from stages.targets import torchserve_handler
+
+    weight = numpy_helper.from_array(np.arange(64 * 4, dtype=np.float32).reshape(64, 4), "weight")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [weight])
+    monkeypatch.setenv(artifacts.EXTERNAL_DATA_ENV, "512")
+    artifacts.save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx.data").exists() and onnx.load(str(tmp_path / "model.onnx")).graph.initializer
+    spec = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 64]}], "outputs": ["y"],
+            "batch_dynamic": True, "session": onnx_runtime.default_settings(threads=1), "data_file": "model.onnx.data"}
+    (tmp_path / "kiln_handler.json").write_text(json.dumps(spec))
+    served, context = torchserve_handler.OnnxRuntimeHandler(), FakeContext(tmp_path)
+    served.initialize(context)
+    x = np.ones((1, 64), dtype=np.float32)
+    answer = served.handle([{"body": {"inputs": {"x": x.tolist()}}}], context)[0]
+    np.testing.assert_array_equal(np.array(answer["outputs"]["y"]), x @ numpy_helper.to_array(weight))
+    (tmp_path / "model.onnx.data").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model.onnx.data \(the weights of model.onnx\) is missing"):
+        torchserve_handler.OnnxRuntimeHandler().initialize(context)
+
+
 # --- slow: a real TorchServe on the published bundle ------------------------------------------------------------
 
 
@@ -200,20 +231,21 @@ def _refusal(call) -> tuple[int, str]:
     raise AssertionError(f"expected a refusal, got {status}: {body[:200]!r}")
 
 
-@pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
+@contextlib.contextmanager
+def _serving(path: Path, ports: dict[str, int], home: Path, name: str, config: Path | None = None):
+    """A real TorchServe started as the bundle's README says, with its config.properties as generated (or
+    `config`), until the model's worker is READY; stopped by PID after."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java 17+ and `java` is not on PATH (make test installs it when run as root on Debian)")
-    path, ports = bundle
-    home = tmp_path_factory.mktemp("torchserve-home")  # cwd: key_file.json and logs/ land here
-    # TorchServe keeps its PID file in $TMPDIR/.model_server.pid and refuses to start when another TorchServe's
-    # is there: a private TMPDIR keeps this one independent of anything else on the machine.
+    # cwd: key_file.json and logs/ land in home. TorchServe keeps its PID file in $TMPDIR/.model_server.pid and
+    # refuses to start when another TorchServe's is there: a private TMPDIR keeps this one independent.
     env = base_env(TMPDIR=str(home), LOG_LOCATION=str(home / "logs"), METRICS_LOCATION=str(home / "logs"))
     torchserve = Path(sys.executable).parent / "torchserve"
     log = open(home / "torchserve.log", "w")
     started = time.monotonic()
     process = subprocess.Popen(
-        [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(path / "serving/torchserve/config.properties")],
+        [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config",
+         str(config or path / "serving/torchserve/config.properties")],
         cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     served = TorchServe(home, ports)
@@ -225,7 +257,7 @@ def server(bundle, tmp_path_factory):
             try:
                 keys = json.loads((home / "key_file.json").read_text())
                 served.keys = {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
-                _, _, body = served.call("management", "/models/digits-cnn")
+                _, _, body = served.call("management", f"/models/{name}")
                 if any(w["status"] == "READY" for w in json.loads(body)[0]["workers"]):
                     break
             except (OSError, ValueError, KeyError, IndexError):
@@ -237,6 +269,13 @@ def server(bundle, tmp_path_factory):
     finally:
         _stop(process, home)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    path, ports = bundle
+    with _serving(path, ports, tmp_path_factory.mktemp("torchserve-home"), "digits-cnn") as served:
+        yield served
 
 
 def _stop(process: subprocess.Popen, home: Path) -> None:
@@ -386,3 +425,27 @@ def test_latency_through_torchserve(server, bundle):
     p50 = statistics.median(times)
     print(f"\nTorchServe single JSON request (maxBatchDelay {BATCH_DELAY_MS} ms): p50 {p50:.1f} ms, max {max(times):.1f} ms")
     assert p50 < BATCH_DELAY_MS + 1000
+
+
+@pytest.mark.slow
+def test_external_data_bundle_is_served(external_bundle, tmp_path_factory):
+    """A model whose weights are in model.onnx.data (conftest lowers the external-data threshold for it): the
+    .mar carries the data file beside model.onnx, and the handler's session, opened from the extracted model
+    dir, answers with the validated outputs."""
+    path, ports = external_bundle["bundle"], external_bundle["ports"]
+    with zipfile.ZipFile(path / "serving/torchserve/model-store/digits-ext.mar") as mar:
+        assert {"model.onnx", "model.onnx.data", "kiln_handler.json"} <= set(mar.namelist())
+        assert mar.read("model.onnx.data") == (path / "model.onnx.data").read_bytes()
+        assert json.loads(mar.read("kiln_handler.json"))["data_file"] == "model.onnx.data"
+    _, expected = _samples(path)
+    home = tmp_path_factory.mktemp("torchserve-external")
+    # The module's TorchServe still runs and holds TorchServe's default gRPC ports (7070/7071), which kiln's
+    # config does not set: this one gets free ones, the only change to the generated file.
+    config = home / "config.properties"
+    config.write_text((path / "serving/torchserve/config.properties").read_text()
+                      + f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n")
+    with _serving(path, ports, home, "digits-ext", config) as served:
+        status, _, body = served.predict((path / "serving/torchserve/sample_request.json").read_bytes(),
+                                         "application/json", name="digits-ext")
+    assert status == 200
+    np.testing.assert_allclose(np.array(json.loads(body)["outputs"]["logits"]), expected[:1], atol=ATOL, rtol=RTOL)

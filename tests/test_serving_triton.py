@@ -304,7 +304,7 @@ class Triton:
 
 
 @pytest.fixture(scope="module")
-def server(built, tmp_path_factory):
+def server(built, external_bundle, tmp_path_factory):
     pytriton = _pytriton()
     home = tmp_path_factory.mktemp("triton-home")
     backends = _backends(pytriton, home / "backends")
@@ -324,6 +324,7 @@ def server(built, tmp_path_factory):
     command = [
         str(pytriton / "tritonserver/bin/tritonserver"),
         *(f"--model-repository={built[name] / 'serving/triton'}" for name in SERVING),
+        f"--model-repository={external_bundle['bundle'] / 'serving/triton'}",  # model.onnx + model.onnx.data
         f"--backend-directory={backends}",
         "--disable-auto-complete-config",  # the config must be complete as generated
         "--strict-readiness=true",
@@ -406,6 +407,24 @@ def test_kserve_v2_requests_return_the_validated_outputs(server, built, name):
     got = server.infer(name, whole)
     for output, array in expected.items():
         np.testing.assert_allclose(got[output], array, atol=atol, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_external_data_model_is_loaded_and_answers(server, external_bundle):
+    """A model whose weights are in model.onnx.data beside model.onnx in the version folder (conftest lowers the
+    external-data threshold for it): the backend's session finds them and answers with the validated outputs."""
+    bundle = external_bundle["bundle"]
+    version = json.loads((bundle / "manifest.json").read_text())["source"]["version"]
+    folder = bundle / "serving/triton/digits-ext" / str(version)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert server.get("/v2/models/digits-ext")["versions"] == [str(version)]
+    request = json.loads((bundle / "serving/triton/sample_request.json").read_text())
+    with np.load(bundle / "sample_inputs.npz") as x, np.load(bundle / "sample_outputs.npz") as y:
+        inputs, expected = x["pixels"], y["logits"]
+    np.testing.assert_allclose(server.infer("digits-ext", request)["logits"], expected[:1], atol=ATOL, rtol=RTOL)
+    whole = {"inputs": [{"name": "pixels", "shape": list(inputs.shape), "datatype": "FP32",
+                         "data": inputs.ravel().tolist()}]}
+    np.testing.assert_allclose(server.infer("digits-ext", whole)["logits"], expected, atol=ATOL, rtol=RTOL)
 
 
 def _executions(server: Triton, name: str) -> dict[int, int]:

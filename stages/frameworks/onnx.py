@@ -5,8 +5,8 @@ optimize, quantize, tune and validate steps then work on it as on any exported g
 External data (MLflow's default: `mlflow.onnx.log_model(..., save_as_external_data=True)` writes the initializers
 of 1 KiB and more to one `<uuid>.data` file beside `model.onnx`) is read from the model's folder only: a `location` that
 is absolute or leads out of the folder (`../`) is refused before anything opens it. The exported graph has its
-external data inlined (up to protobuf's 2 GiB limit), because every later step and the bundle hand one
-`model.onnx` file around.
+external data inlined, unless the model is larger than kiln's external-data threshold (stages/artifacts.py,
+about 2 GiB): then its initializers go to one `model.onnx.data` beside it, as for every large model kiln writes.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import yaml
 
 from pipeline.errors import ModelError, first_line
 from pipeline.versions import onnxruntime_distribution
+from stages.artifacts import data_file, save_onnx
 from stages.frameworks import rename_tensor
 from stages.tensors import ModelSpec
 
 TOOLS = ["onnx", onnxruntime_distribution()]
-PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto serializes to at most 2 GiB; larger graphs need external data
 _THREADS: int | None = None
 
 
@@ -185,21 +185,22 @@ def runner(model: OnnxModel, spec: ModelSpec, feeds: dict[str, np.ndarray]):
 
 def export_onnx(model: OnnxModel, spec: ModelSpec, feeds, output_names: list[str], exporter: str, opset: int,
                 path: Path) -> dict:
-    """The logged graph with its external data inlined and its outputs named and ordered as output_names. The
-    graph keeps its own opsets: converting a graph someone already exported is a change kiln does not make
-    unasked, so `export.opset` does not apply to ONNX sources (recorded as `opset_requested`)."""
+    """The logged graph with its outputs named and ordered as output_names, its external data (from whatever
+    files the model used) inlined, or in kiln's one data file beside model.onnx when the model is larger than
+    the external-data threshold. The graph keeps its own opsets: converting a graph someone already exported is
+    a change kiln does not make unasked, so `export.opset` does not apply to ONNX sources (recorded as
+    `opset_requested`)."""
     import onnx
 
     external = _check_external_data(onnx.load(str(model.path), load_external_data=False), model.path, model.model_dir)
-    if model.path.stat().st_size + external > PROTOBUF_LIMIT:
-        raise ModelError(f"{model.path.name}: {external / 2**30:.1f} GiB of external data does not fit one "
-                         "self-contained model.onnx (protobuf's 2 GiB limit); kiln does not take models this large yet")
     proto = onnx.load(str(model.path))  # loads external data from the model's folder into the tensors
     _select_outputs(proto, model.output_names(spec), output_names)
-    onnx.save(proto, str(path))
+    save_onnx(proto, path)
+    kept = data_file(path).exists()
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     return {"exporter": "onnx", "opset": opsets.get("ai.onnx"), "opset_requested": opset, "opsets": opsets,
-            "external_data_inlined_bytes": external, "producer": proto.producer_name or None}
+            "external_data_inlined_bytes": 0 if kept else external, "external_data_kept_bytes": external if kept else 0,
+            "producer": proto.producer_name or None}
 
 
 def _select_outputs(proto, chosen: list[str], names: list[str]) -> None:

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from pipeline.errors import ModelError, first_line
 from pipeline.schema import Strict
+from stages.artifacts import external_data_bytes, load_graph
 from stages.frameworks import rename_tensor
 from stages.tensors import ModelSpec
 
@@ -230,6 +231,16 @@ def _export_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first_line(exc, empty=type(exc).__name__)}"
 
 
+def _weight_bytes(model) -> int:
+    """The bytes of the model's parameters, buffers and constants: what the ONNX graph's initializers will hold,
+    so whether torch.onnx must write them as external data (the export step then settles the layout)."""
+    if isinstance(model, Program):
+        tensors = [*model.program.state_dict.values(), *model.program.constants.values()]
+    else:
+        tensors = [*model.state_dict(keep_vars=True).values()] if hasattr(model, "state_dict") else []
+    return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
+
+
 def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter: str, opset: int, path: Path) -> dict:
     import torch
 
@@ -247,7 +258,7 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             torch.onnx.export(target, args, str(path), kwargs=kwargs, input_names=[t.name for t in spec.inputs],
                               output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
-                              dynamo=exporter == "dynamo", external_data=False)
+                              dynamo=exporter == "dynamo", external_data=_weight_bytes(model) > external_data_bytes())
     except Exception as exc:  # noqa: BLE001 - an export failure is the model's (or the recipe's) problem
         hint = "" if isinstance(model, Program) else \
             f" (try export.exporter: {'torchscript' if exporter == 'dynamo' else 'dynamo'})"
@@ -256,7 +267,7 @@ def export_onnx(model, spec: ModelSpec, feeds, output_names: list[str], exporter
     if output_names != requested:
         import onnx
 
-        graph = onnx.load(str(path))
+        graph = load_graph(path)  # renaming needs no weights; the data file stays as torch.onnx wrote it
         rename_outputs(graph, requested)
         onnx.save(graph, str(path))
     done = {"exporter": exporter, "opset": opset, "call": _call_style(model, spec)}

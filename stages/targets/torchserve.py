@@ -1,7 +1,8 @@
 """torchserve: the ONNX model for TorchServe, secure by default.
 
     serving/torchserve/
-      model-store/<name>.mar      built by torch-model-archiver: model.onnx, the onnxruntime handler
+      model-store/<name>.mar      built by torch-model-archiver: model.onnx (and model.onnx.data, its weights, for
+                                  a model too large for one protobuf), the onnxruntime handler
                                   (torchserve_handler.py), kiln_handler.json (I/O spec, session settings), model-config.yaml
       model-config.yaml           the batch and worker settings packed into the .mar (a copy to read)
       config.properties           listens on the recipe's address (127.0.0.1 by default), token authorization
@@ -29,6 +30,7 @@ from pydantic import ConfigDict, Field, model_validator
 from pipeline.errors import KilnError, ModelError
 from pipeline.schema import Strict
 from pipeline.versions import onnxruntime_distribution
+from stages import artifacts
 from stages.targets import Host, Port, TargetContext, expected_output_lines, one_line, url_host
 from stages.targets.triton import TYPES, graph_io
 
@@ -131,6 +133,8 @@ def handler_spec(ctx: TargetContext, inputs: list[dict], outputs: list[dict], ba
         "outputs": [t["name"] for t in outputs],
         "batch_dynamic": batch_dynamic,
         "session": ctx.metrics["session"],
+        # the model's external-data file, packed beside it as an extra file (None: model.onnx is self-contained)
+        "data_file": next((p.name for p in artifacts.onnx_files(ctx.onnx)[1:]), None),
     }
 
 
@@ -144,7 +148,9 @@ def archive(ctx: TargetContext, yaml_file: Path, spec_file: Path, store: Path) -
             "--version", ctx.version,
             "--serialized-file", str(ctx.onnx),
             "--handler", str(HANDLER),
-            "--extra-files", str(spec_file),
+            # Extra files land beside the serialized file in the worker's model_dir, where ONNX Runtime
+            # resolves model.onnx's external-data location.
+            "--extra-files", ",".join(str(p) for p in [spec_file, *artifacts.onnx_files(ctx.onnx)[1:]]),
             "--config-file", str(yaml_file),
             "--export-path", str(store),
             "--archive-format", "default",
@@ -207,7 +213,8 @@ def _readme(ctx: TargetContext, config: dict, outputs: list[dict]) -> str:
         [
             "## TorchServe",
             "",
-            f"`serving/torchserve/model-store/{ctx.name}.mar` holds `model.onnx` and a handler that runs it with ONNX",
+            f"`serving/torchserve/model-store/{ctx.name}.mar` holds "
+            f"{' and '.join(f'`{p.name}`' for p in artifacts.onnx_files(ctx.onnx))} and a handler that runs it with ONNX",
             "Runtime (batch-aware: one response per request). `model-config.yaml` (packed into the .mar) sets",
             f"{config['min_workers']}-{config['max_workers']} workers, batches of up to {config['batch_size']} requests "
             f"gathered for at most {config['max_batch_delay_ms']} ms, and a {config['response_timeout_s']} s response timeout.",

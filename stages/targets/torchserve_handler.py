@@ -1,4 +1,5 @@
-"""TorchServe handler that kiln packs into the .mar: ONNX Runtime on the bundled model.onnx.
+"""TorchServe handler that kiln packs into the .mar: ONNX Runtime on the bundled model.onnx (and its
+model.onnx.data, for a model too large for one protobuf: ONNX Runtime reads it from beside model.onnx).
 
 Runs inside the TorchServe worker, so it imports only numpy and onnxruntime. TorchServe hands `handle` up to
 batchSize requests at once (model-config.yaml); each is answered on its own, in order:
@@ -45,6 +46,9 @@ class OnnxRuntimeHandler:
         options.inter_op_num_threads = int(chosen["inter_op_num_threads"])
         options.execution_mode = getattr(ort.ExecutionMode, chosen["execution_mode"])
         model_file = context.manifest["model"]["serializedFile"]
+        data_file = self.spec.get("data_file")  # a large model's weights, extracted beside it from the .mar
+        if data_file and not os.path.isfile(os.path.join(model_dir, data_file)):
+            raise FileNotFoundError(f"{data_file} (the weights of {model_file}) is missing from {model_dir}")
         self.session = ort.InferenceSession(os.path.join(model_dir, model_file), options,
                                             providers=session["providers"], provider_options=session["provider_options"])
         self.initialized = True

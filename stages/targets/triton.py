@@ -2,7 +2,8 @@
 
     serving/triton/
       <name>/config.pbtxt                 platform onnxruntime_onnx; I/O names, types and dims read from the graph
-      <name>/<version>/model.onnx         the validated model
+      <name>/<version>/model.onnx         the validated model (and model.onnx.data, its weights, when it is
+                                          too large for one protobuf: ONNX Runtime finds it beside model.onnx)
       <name>/warmup/<sample>.<input>      raw tensors for model_warmup (Triton reads them at load)
       sample_request.json                 a KServe-V2 request for the first sample input
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field, model_validator
 from pipeline.errors import ModelError
 from pipeline.schema import Strict
 from pipeline.versions import onnxruntime_distribution
+from stages import artifacts
 from stages.targets import TargetContext, expected_output_lines
 
 
@@ -321,7 +322,7 @@ def build(ctx: TargetContext, config: dict, out: Path) -> dict:
     version = ctx.version if ctx.version.isdigit() else "1"  # Triton versions are numeric folders
     model_dir = out / ctx.name
     (model_dir / version).mkdir(parents=True)
-    shutil.copyfile(ctx.onnx, model_dir / version / "model.onnx")
+    artifacts.copy_onnx(ctx.onnx, model_dir / version / "model.onnx")
     text, summary = render_config(ctx, config, inputs, outputs, model_dir)
     (model_dir / "config.pbtxt").write_text(text)
     request = kserve_request(ctx, inputs, outputs, batched)
@@ -341,11 +342,12 @@ def build(ctx: TargetContext, config: dict, out: Path) -> dict:
 
 def _readme(ctx: TargetContext, version: str, outputs: list[dict]) -> str:
     expected = expected_output_lines(ctx, [output["name"] for output in outputs], SHOWN_VALUES)
+    files = " and ".join(f"`{ctx.name}/{version}/{path.name}`" for path in artifacts.onnx_files(ctx.onnx))
     return "\n".join(
         [
             "## Triton Inference Server (ONNX Runtime backend)",
             "",
-            f"`serving/triton/` is a model repository: `{ctx.name}/config.pbtxt` and `{ctx.name}/{version}/model.onnx`.",
+            f"`serving/triton/` is a model repository: `{ctx.name}/config.pbtxt` and {files}.",
             "The config names every input and output as in the ONNX graph and carries the batching, instance, ONNX",
             "Runtime thread and warm-up settings; it loads as written (also with `--disable-auto-complete-config`).",
             "",
