@@ -156,6 +156,7 @@ class _Run:
         self.entries: dict[str, Entry] = {}
         self.running: dict[Future, list[str]] = {}  # one future per key; steps of several recipes may share it
         self.by_key: dict[str, Future] = {}
+        self.failed_keys: dict[str, KilnError] = {}  # a key whose build failed: a later step of that key fails alike
         self.pending = [s.id for p in plans for s in p.steps]
         self.lacking: dict[str, str] = {}  # optional step that failed -> why
 
@@ -249,6 +250,8 @@ class _Run:
             self.runner.on_event("evicted", self.outcomes[step.id])
         if entry is not None:
             self.finished(step.id, entry, cached=True)
+        elif key in self.failed_keys:  # another recipe's step of this key already failed: do not build it again
+            self.fail(step.id, self.failed_keys[key])
         elif key in self.by_key:
             self.running[self.by_key[key]].append(step.id)
         else:
@@ -276,13 +279,18 @@ class _Run:
                 for sid in sids:
                     self.finished(sid, entry, cached=False)
                 continue
+            self.failed_keys[self.outcomes[sids[0]].key] = error
             for sid in sids:
-                self.failed(sid, str(error))
-                if self.steps[sid].optional:
-                    self.lacking[sid] = str(error)
-                    continue
-                status = "bad_input" if isinstance(error, BadInput) else getattr(error, "status", "crashed")
-                self.stop(self.steps[sid].recipe, status, str(error))
+                self.fail(sid, error)
+
+    def fail(self, sid: str, error: KilnError) -> None:
+        """A step failed with error: an optional step leaves its reason for what reads it, any other stops its recipe."""
+        self.failed(sid, str(error))
+        if self.steps[sid].optional:
+            self.lacking[sid] = str(error)
+            return
+        status = "bad_input" if isinstance(error, BadInput) else getattr(error, "status", "crashed")
+        self.stop(self.steps[sid].recipe, status, str(error))
 
 
 def bundle_paths(outcome: RecipeOutcome) -> dict[str, Path]:

@@ -279,3 +279,21 @@ def test_row6_npz_that_would_not_fit_in_memory_is_refused_before_reading(tmp_pat
     (tmp_path / "big.npz").write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"big.npz: the arrays take 3.0 GiB uncompressed; kiln validates on at most 1 GiB"):
         read_npz(tmp_path / "big.npz", str(tmp_path / "big.npz"))
+
+
+def test_a_failed_step_shared_by_two_recipes_fails_both(onnx_registry_session, artifacts, tmp_path):
+    """Two recipes whose data step has one key (same model, same bad file): the second finds the key already
+    failed, and both recipes report the data's fault (this was a KeyError, exit 3, when the second step became
+    ready after the first had failed)."""
+    np.savez(tmp_path / "cut.npz", pixels=PIXELS)
+    whole = (tmp_path / "cut.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    paths = [str(recipe(tmp_path, name, "{source: npz, path: cut.npz}")) for name in ("cut-a", "cut-b")]
+    code, out, err = cli_invoke("run", *paths, "--tracking-uri", onnx_registry_session, "--artifacts", str(artifacts),
+                                "--executor", "inline", "--json")
+    assert code == 2 and "Traceback" not in out + err, (code, err)
+    import json
+
+    summary = json.loads(out)
+    assert [r["status"] for r in summary["recipes"]] == ["bad_input", "bad_input"]
+    assert all("cut.npz: truncated or corrupt .npz file" in r["reason"] for r in summary["recipes"])
