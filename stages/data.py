@@ -72,14 +72,14 @@ def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
         ["mlflow"] if config.data.source in ("input_example", "run_artifact") else [])
 
 
-def _named_inputs(source: dict, model_dir: Path, options: dict) -> list[dict] | None:
+def _named_inputs(source: dict, model_dir: Path, options: dict, allow_pickle: bool) -> list[dict] | None:
     """The signature's input tensors, named: as MLflow recorded them, or, when the signature leaves them unnamed
     (as `infer_signature` on numpy arrays does), with the names the model itself gives its inputs (its
     framework's `model_inputs`), matched by position. None when neither says."""
     declared = source["signature"].get("inputs")
     if declared and all(t.get("name") for t in declared):
         return declared
-    own = frameworks.model_inputs(source, model_dir, options)
+    own = frameworks.model_inputs(source, model_dir, options, allow_pickle)
     if not own:
         return None
     if not declared:
@@ -99,16 +99,16 @@ def _fixed_sizes(declared: list[int], own: list[int]) -> list[int]:
     return [mine if d == -1 and mine != -1 else d for d, mine in zip(declared, own)]
 
 
-def _spec(config: Config, source: dict, model_dir: Path) -> ModelSpec:
+def _spec(config: Config, source: dict, model_dir: Path, allow_pickle: bool) -> ModelSpec:
     outputs = config.outputs
     signature = source["signature"]
     if not outputs and signature.get("outputs") and all(o.get("name") for o in signature["outputs"]):
         outputs = [o["name"] for o in signature["outputs"]]
     if not outputs:  # the signature leaves them unnamed: the names the model itself gives them, when it says
-        outputs = frameworks.model_outputs(source, model_dir, config.source_options) or None
+        outputs = frameworks.model_outputs(source, model_dir, config.source_options, allow_pickle) or None
     if config.inputs:
         return ModelSpec([TensorSpec(t.name, t.dtype, t.shape) for t in config.inputs], outputs)
-    declared = _named_inputs(source, model_dir, config.source_options)
+    declared = _named_inputs(source, model_dir, config.source_options, allow_pickle)
     if not declared:
         raise ModelError(
             f"{source['uri']}: neither the MLflow signature nor the model names its tensor inputs; declare them in the "
@@ -169,7 +169,7 @@ def _from_input_example(model_dir: Path, spec: ModelSpec, source: dict) -> dict[
 
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     source = artifacts.source(inputs["model"])
-    spec = _spec(config, source, artifacts.model_dir(inputs["model"]))
+    spec = _spec(config, source, artifacts.model_dir(inputs["model"]), context.get("allow_pickle", False))
     data = config.data
     labels = None
     if data.source == "synthetic":
