@@ -105,7 +105,7 @@ class Verifier:
             well_formed = False
         if not well_formed:
             return 401, "malformed signature (expected v1,<base64 HMAC-SHA256>)"
-        if not stamp.isdigit() or len(stamp) > 12:
+        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
             return 401, "bad timestamp"
         age = abs((now or time.time()) - int(stamp))
         if age > self.tolerance_s:
@@ -164,7 +164,7 @@ def _body_length(headers: dict[str, str], limits: Limits) -> int:
     declared = headers.get("content-length")
     if declared is None:
         raise Refused(411, "Content-Length is required")
-    if not declared.isdigit() or len(declared) > 12:
+    if not (declared.isascii() and declared.isdigit()) or len(declared) > 12:
         raise Refused(400, f"Content-Length {declared[:20]!r} is not a byte count")
     if int(declared) > limits.max_body:
         raise Refused(413, f"payload too large (at most {limits.max_body} bytes)")

@@ -164,8 +164,12 @@ def check_unchanged(record: Path, key: str, uri: str, files: dict[str, str]) -> 
 
     from pipeline.store import write_json_atomic
 
-    record.parent.mkdir(parents=True, exist_ok=True)
-    with open(record.with_name(record.name + ".lock"), "w") as lock:
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(record.with_name(record.name + ".lock"), "w")
+    except OSError:
+        return False  # a worker that does not see the artifacts folder (Ray without a shared disk): no record there
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             known = json.loads(record.read_text())

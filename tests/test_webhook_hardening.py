@@ -180,3 +180,31 @@ def test_busy_port_is_one_line_and_exit_2(tmp_path):
     assert busy.returncode == 2, busy.stderr
     assert busy.stderr.strip().splitlines() == [f"kiln: error: --port {port}: cannot listen on 127.0.0.1:{port} "
                                                 "(Address already in use)"]
+
+
+def test_headers_are_judged_before_the_body_and_replays_survive_a_restart(tmp_path):
+    from pipeline.webhook import Limits, Refused, Verifier, _body_length, _parse_head
+
+    for declared, status in (("abc", 400), ("-5", 400), ("1e3", 400), ("²", 400), (str(2 << 20), 413)):
+        with pytest.raises(Refused) as refused:
+            _body_length({"content-length": declared}, Limits())
+        assert refused.value.status == status, declared
+    with pytest.raises(Refused, match="conflicting"):
+        _parse_head(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2")
+    _, _, headers = _parse_head(b"POST / HTTP/1.1\r\nX-MLflow-Timestamp: 5\r\ncontent-length: 3")
+    assert headers == {"x-mlflow-timestamp": "5", "content-length": "3"}
+
+    store = tmp_path / "webhook" / "deliveries.json"
+    verifier = Verifier(SECRET, replays=store)
+    body = '{"entity": "model_version"}'
+    signed = {k.lower(): v for k, v in _signed(body, "d-1").items()}
+    assert verifier.precheck({**signed, "x-mlflow-signature": "v1,abc"})[0] == 401  # malformed, no body needed
+    assert verifier.check(signed, body) == (200, "ok")
+    assert verifier.check(signed, body)[0] == 409
+    restarted = Verifier(SECRET, replays=store)
+    assert restarted.precheck(signed) == (409, "replayed delivery d-1")  # refused before reading the body
+    old = {k.lower(): v for k, v in _signed(body, "d-old", stamp=int(time.time()) - 250).items()}
+    assert restarted.check(old, body) == (200, "ok")
+    restarted.tolerance_s = restarted.replays.tolerance_s = 10  # d-old is now past the window: pruned on write
+    assert restarted.check({k.lower(): v for k, v in _signed(body, "d-2").items()}, body) == (200, "ok")
+    assert set(json.loads(store.read_text())) == {"d-1", "d-2"}
