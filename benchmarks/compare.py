@@ -167,7 +167,7 @@ def _kiln(bench: BenchModel, model, feeds: dict, work: Path) -> tuple[Tool, dict
     uri = f"sqlite:///{work / 'mlflow.db'}"
     register(bench, model, feeds, uri, work)
     np.savez(work / "samples.npz", **feeds)
-    recipe = {"name": bench.name, "source": {"uri": f"models:/{bench.name}@champion"}, **bench.recipe,
+    recipe = {"name": bench.name, "source": {"uri": f"models:/{bench.name}@champion", "allow_pickle": True}, **bench.recipe,
               "validation": {"data": {"source": "npz", "path": str(work / "samples.npz"), "samples": SAMPLES},
                              "latency": {"batch_sizes": [1], "warmup": 3, "iterations": 100, "target_ci": None},
                              "shape_sweep": False, "localize": {"enabled": False}},

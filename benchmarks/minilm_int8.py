@@ -79,7 +79,7 @@ def register(workdir: Path, tokens: dict[str, np.ndarray]) -> str:
 
 RECIPE = {
     "name": "minilm",
-    "source": {"uri": "models:/minilm@champion"},
+    "source": {"uri": "models:/minilm@champion", "allow_pickle": True},  # logged here as a pickle
     "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
                {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]}],
     "outputs": ["embedding"],

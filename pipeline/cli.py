@@ -346,13 +346,14 @@ def watch(recipes, artifacts, tracking_uri, interval, once, jobs, executor, stor
 @_guard
 def webhook_server(recipes, artifacts, tracking_uri, host, port, secret_env) -> None:
     """Receive MLflow registry webhooks (HMAC-verified, replay-protected) and build what they affect."""
+    import asyncio
     import os
     import queue
     import threading
 
     from pipeline.recipe import load_recipe, parse_model_uri
     from pipeline.watch import poll_once
-    from pipeline.webhook import Verifier, make_server
+    from pipeline.webhook import Receiver, Verifier
 
     secret = os.environ.get(secret_env)
     if not secret:
@@ -362,22 +363,24 @@ def webhook_server(recipes, artifacts, tracking_uri, host, port, secret_env) -> 
     followed = {parse_model_uri(load_recipe(path).source.uri)[0] for path in files}
     jobs: queue.Queue = queue.Queue()
     say = lambda m: click.echo(m, err=True)  # noqa: E731
-    server = make_server(host, port, Verifier(secret), lambda name: name in followed, jobs, say)
+    verifier = Verifier(secret, replays=settings.artifacts / "webhook" / "deliveries.json")
+    receiver = Receiver(verifier, lambda name: name in followed, jobs, say)
 
     def worker():
         while True:
             job = jobs.get()
             try:
-                poll_once(recipes, settings, say, model=job["model"])
+                if not poll_once(recipes, settings, say, model=job["model"]):
+                    say(f"kiln webhook: {job['model']}: nothing new built")
             except Exception as exc:  # noqa: BLE001 - keep serving; the next event or `watch` retries
                 say(f"kiln webhook: build for {job['model']} failed to start: {exc}")
 
-    threading.Thread(target=worker, daemon=True).start()
-    say(f"kiln webhook: listening on http://{host}:{server.server_address[1]}/ for {', '.join(sorted(followed))}")
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    def ready(bound: int) -> None:
+        threading.Thread(target=worker, daemon=True).start()
+        say(f"kiln webhook: listening on http://{host}:{bound}/ for {', '.join(sorted(followed))}")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(receiver.serve(host, port, ready))
 
 
 @main.command("verify-store")

@@ -12,6 +12,10 @@ from pipeline.errors import SourceError, first_line
 from pipeline.recipe import parse_model_uri
 
 
+class Unreachable(SourceError):
+    """The registry itself did not answer (as opposed to a model, version or alias it does not have)."""
+
+
 @dataclass(frozen=True)
 class SourceRef:
     uri: str  # as written in the recipe
@@ -79,15 +83,17 @@ def resolve(uri: str, tracking_uri: str) -> SourceRef:
             found = registry.get_model_version(name, version)
     except MlflowException as exc:
         if _unreachable(exc):
-            raise SourceError(f"tracking URI {tracking_uri}: unreachable ({first_line(exc, 200, empty=type(exc).__name__)})") from None
+            raise Unreachable(f"tracking URI {tracking_uri}: unreachable ({first_line(exc, 200, empty=type(exc).__name__)})") from None
         if alias is not None:
             raise SourceError(
                 f"source.uri {uri}: no alias '{alias}' on registered model '{name}' at {tracking_uri}"
             ) from None
         raise SourceError(f"source.uri {uri}: version {version} of '{name}' does not exist at {tracking_uri}") from None
+    except SourceError:
+        raise  # ours (no versions): its own reason, not "unreachable" because the URI says sqlite
     except Exception as exc:  # requests / sqlalchemy errors before MLflow wraps them
         if _unreachable(exc) or "sqlite" in str(exc).lower():
-            raise SourceError(f"tracking URI {tracking_uri}: unreachable ({first_line(exc, 200, empty=type(exc).__name__)})") from None
+            raise Unreachable(f"tracking URI {tracking_uri}: unreachable ({first_line(exc, 200, empty=type(exc).__name__)})") from None
         raise
     return SourceRef(
         uri=uri,

@@ -32,6 +32,7 @@ from pipeline.mlflow_registry import SourceRef
 from pipeline.recipe import Recipe, validation_problems
 from pipeline.settings import Settings
 from pipeline.store import Entry
+from pipeline.trust import FETCH_RECORD, allows_pickle
 from pipeline.versions import versions
 
 
@@ -80,8 +81,10 @@ class Graph:
     """What a stage's plan hook sees: the recipe, where its bundle goes, the candidates, and `add` for steps.
     Step names are local to the recipe (`optimize`, `quantize.int8`); inputs name the steps that produce them."""
 
-    def __init__(self, recipe: Recipe, recipe_path: Path, source: SourceRef, dest_root: Path):
+    def __init__(self, recipe: Recipe, recipe_path: Path, source: SourceRef, dest_root: Path,
+                 context: dict[str, Any] | None = None):
         self.recipe, self.recipe_path, self.source, self.dest_root = recipe, recipe_path, source, dest_root
+        self.context = context or {}  # every step's, not keyed: whether the source is trusted, fetch's record
         self.recipe_digest = recipe_digest(recipe)
         # Bundles are immutable: another recipe's build of this version gets its own folder (pipeline/deliver.py).
         self.bundle_dest = version_folder(dest_root / recipe.name, source.version, self.recipe_digest)
@@ -98,6 +101,7 @@ class Graph:
         _check_input_names(stage, inputs)
         prefix = f"{self.recipe.name}:"
         options["after"] = [prefix + name for name in options.get("after", [])]
+        options["context"] = {**self.context, **options.get("context", {})}
         self.steps[stage] = Step(self.recipe.name, stage, self._config(stage, config),
                                  {n: prefix + s for n, s in inputs.items()}, **options)
         return stage
@@ -253,7 +257,9 @@ def bundle_root(recipe: Recipe, recipe_path: Path, settings: Settings) -> Path:
 
 def plan_recipe(recipe: Recipe, recipe_path: Path, source: SourceRef, settings: Settings) -> RecipePlan:
     """Every stage in registry order adds its steps; the graph is then checked and ordered."""
-    graph = Graph(recipe, recipe_path, source, bundle_root(recipe, recipe_path, settings))
+    trusted = allows_pickle(settings.artifacts, recipe.source.allow_pickle, source.tracking_uri, source.name)
+    graph = Graph(recipe, recipe_path, source, bundle_root(recipe, recipe_path, settings),
+                  {"allow_pickle": trusted, "fetch_record": str(settings.artifacts / FETCH_RECORD)})
     existing = next((p for p in [graph.bundle_dest, *graph.bundle_dest.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise RecipeError(f"recipe {recipe_path}: publish.dest: {existing} is a file, not a folder")

@@ -30,6 +30,10 @@ class Source(Strict):
     uri: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; overrides MLFLOW_TRACKING_URI")
     signature: str = Field("serving_default", description="TensorFlow SavedModels: the signature to convert and call")
+    # exclude: trust is not content; it stays out of the recipe's digest and every step key and manifest.
+    allow_pickle: bool = Field(False, exclude=True, description="Trust this model: load it even in formats that "
+                               "run code when loaded (pickle, cloudpickle, MLflow code_paths); see also "
+                               "<artifacts>/trust.yaml")
 
     @field_validator("uri")
     @classmethod

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import KilnError, SourceError
+from pipeline.errors import BadInput, KilnError, SourceError
+from pipeline.mlflow_registry import Unreachable
 from pipeline.settings import Settings
 from pipeline.store import _pid_alive, write_json_atomic
 
@@ -69,13 +70,15 @@ def poll_once(paths, settings: Settings, say: Callable[[str], None] = print, mod
     state = State(folder / "state.json")
     built = []
     plans = []
+    down: list[Unreachable] = []
     for path in recipe_files(paths):
         try:
             plans += plan_all([path], settings, model=model)
-        except SourceError as exc:
-            if "unreachable" in str(exc):
-                raise  # the registry is down: back off and poll again
-            say(f"kiln watch: {path}: {exc}")  # e.g. an alias not set yet; the other recipes go on
+        except Unreachable as exc:
+            down.append(exc)  # that registry is down: the others still build; then back off and poll again
+            say(f"kiln watch: {path}: {exc}")
+        except BadInput as exc:  # e.g. an alias not set yet, a model with no versions: this recipe only
+            say(f"kiln watch: {path}: {exc}")
     for plan in plans:
         key = f"{plan.name}|{plan.source.name}|{plan.source.version}"
         if key in state.handled:
@@ -94,6 +97,8 @@ def poll_once(paths, settings: Settings, say: Callable[[str], None] = print, mod
             state.done(key, result)
             built.append({"key": key, **result})
             say(f"kiln watch: {key}: {outcome.status}")
+    if down:
+        raise down[0]
     return built
 
 

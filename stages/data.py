@@ -105,14 +105,14 @@ def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
         ["mlflow"] if config.data.source in ("input_example", "run_artifact") else [])
 
 
-def _named_inputs(source: dict, model_dir: Path, options: dict) -> list[dict] | None:
+def _named_inputs(source: dict, model_dir: Path, options: dict, allow_pickle: bool) -> list[dict] | None:
     """The signature's input tensors, named: as MLflow recorded them, or, when the signature leaves them unnamed
     (as `infer_signature` on numpy arrays does), with the names the model itself gives its inputs (its
     framework's `model_inputs`), matched by position. None when neither says."""
     declared = source["signature"].get("inputs")
     if declared and all(t.get("name") for t in declared):
         return declared
-    own = frameworks.model_inputs(source, model_dir, options)
+    own = frameworks.model_inputs(source, model_dir, options, allow_pickle)
     if not own:
         return None
     if not declared:
@@ -132,18 +132,18 @@ def _fixed_sizes(declared: list[int], own: list[int]) -> list[int]:
     return [mine if d == -1 and mine != -1 else d for d, mine in zip(declared, own)]
 
 
-def _spec(config: Config, source: dict, model_dir: Path) -> tuple[ModelSpec, dict[str, tuple]]:
+def _spec(config: Config, source: dict, model_dir: Path, allow_pickle: bool) -> tuple[ModelSpec, dict[str, tuple]]:
     """The tensor spec, and the synthetic-data bounds {input: (low, high)} the recipe or the model gives."""
     outputs = config.outputs
     signature = source["signature"]
     if not outputs and signature.get("outputs") and all(o.get("name") for o in signature["outputs"]):
         outputs = [o["name"] for o in signature["outputs"]]
     if not outputs:  # the signature leaves them unnamed: the names the model itself gives them, when it says
-        outputs = frameworks.model_outputs(source, model_dir, config.source_options) or None
+        outputs = frameworks.model_outputs(source, model_dir, config.source_options, allow_pickle) or None
     if config.inputs:
         bounds = {t.name: (t.low, t.high) for t in config.inputs}
         return ModelSpec([TensorSpec(t.name, t.dtype, t.shape) for t in config.inputs], outputs), bounds
-    declared = _named_inputs(source, model_dir, config.source_options)
+    declared = _named_inputs(source, model_dir, config.source_options, allow_pickle)
     if not declared:
         raise ModelError(
             f"{source['uri']}: neither the MLflow signature nor the model names its tensor inputs; declare them in the "
@@ -294,18 +294,20 @@ def _from_text(spec: ModelSpec, data: Data, axes: dict[str, int], source: dict, 
     sequence = next((d for t in spec.inputs for d in t.shape[1:2] if isinstance(d, str)), None)
     if sequence is None or sequence not in axes:
         raise ModelError(f"validation.data.axes: the number of tokens per text is needed (axis {sequence})")
-    return frameworks.tokenize(source, model_dir, options, texts, axes[sequence]), origin
+    return frameworks.tokenize(source, model_dir, options, texts, axes[sequence],
+                              context.get("allow_pickle", False)), origin
 
 
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     source = artifacts.source(inputs["model"])
     model_dir = artifacts.model_dir(inputs["model"])
-    spec, bounds = _spec(config, source, model_dir)
+    allow_pickle = context.get("allow_pickle", False)
+    spec, bounds = _spec(config, source, model_dir, allow_pickle)
     data = config.data
     labels = None
     if data.source in ("synthetic", "text"):
         # The model's framework may size its own axes (a transformer's sequence); the recipe's sizes win.
-        axes = {**(frameworks.default_axes(source, model_dir, config.source_options) or {}), **data.axes}
+        axes = {**(frameworks.default_axes(source, model_dir, config.source_options, allow_pickle) or {}), **data.axes}
     if data.source == "synthetic":
         arrays = _synthetic(spec, data, axes, bounds)
         origin = "synthetic data"

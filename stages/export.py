@@ -155,7 +155,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
 
     source = artifacts.source(inputs["model"])
     flavor = source["flavor"]
-    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config.source_options)
+    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config.source_options,
+                                              context.get("allow_pickle", False))
     spec = artifacts.spec(inputs["data"])
     feeds = artifacts.inputs(inputs["data"])
     reference = framework.predict(model, spec, feeds)

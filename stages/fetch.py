@@ -9,8 +9,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ModelError, SourceError
+from pipeline.hashing import sha256_file, sha256_json
 from pipeline.schema import StageConfig, Strict
-from stages import artifacts, frameworks
+from stages import artifacts, frameworks, untrusted
 
 VERSION = 2
 
@@ -63,6 +64,31 @@ def _tensor_specs(schema_json: str | None) -> list[dict] | None:
     ]
 
 
+def _verified(download_uri: str, tracking_uri: str, local: Path, uri: str) -> tuple[dict, dict[str, int]]:
+    """Check the download against MLflow's own record of the version's files: (recorded, {path: size} got)."""
+    recorded = _listing(download_uri, tracking_uri)
+    got = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
+    missing = sorted(set(recorded) - set(got))
+    wrong = sorted(r for r, size in recorded.items() if r in got and size is not None and got[r] != size)
+    if missing or wrong:
+        raise SourceError(
+            f"{uri}: download does not match MLflow's record (missing: {missing[:3]}, size differs: {wrong[:3]})"
+        )
+    return recorded, got
+
+
+def _check_trust(source: Version, local: Path, got: dict[str, int], context: dict) -> None:
+    """A version never changes: its files' sha256 at the first fetch are recorded, later fetches must match.
+    Then nothing that would run code when loaded (pickles, code_paths) passes unless the recipe or the kiln-wide
+    trust file allows it for this model or registry (context, not key: trust is not content)."""
+    uri = f"models:/{source.name}/{source.version}"
+    if context.get("fetch_record"):
+        hashes = {rel: sha256_file(local / rel) for rel in sorted(got)}
+        untrusted.check_unchanged(Path(context["fetch_record"]), sha256_json(source.model_dump(mode="json")),
+                                  uri, hashes)
+    untrusted.require_trusted(local, uri, bool(context.get("allow_pickle")))
+
+
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     import mlflow
     import mlflow.artifacts
@@ -83,16 +109,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     local = artifacts.model_dir(out)
     downloaded.rename(local)  # MLflow nests the files under the artifact folder's name
 
-    # Verify the download against MLflow's own record of the version's files.
-    recorded = _listing(download_uri, tracking_uri)
-    got = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
-    missing = sorted(set(recorded) - set(got))
-    wrong = sorted(r for r, size in recorded.items() if r in got and size is not None and got[r] != size)
-    if missing or wrong:
-        raise SourceError(
-            f"models:/{name}/{version}: download does not match MLflow's record "
-            f"(missing: {missing[:3]}, size differs: {wrong[:3]})"
-        )
+    recorded, got = _verified(download_uri, tracking_uri, local, f"models:/{name}/{version}")
+    _check_trust(source, local, got, context)
 
     mlmodel_path = local / "MLmodel"
     if not mlmodel_path.is_file():

@@ -73,6 +73,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         latency_gates=config.latency_gates.model_dump(mode="json"),
         source_options=config.source_options,
         bundle_dest=Path(config.bundle_dest),
+        allow_pickle=bool(context.get("allow_pickle")),
     )
     module = targets.target(config.target)
     skipped = module.skip_reason(ctx)

@@ -155,7 +155,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     source = artifacts.source(inputs["model"])
     flavor = source["flavor"]
     frameworks.framework(flavor).set_threads(threads)  # before loading: TensorFlow fixes its pools at start
-    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config.source_options)
+    framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config.source_options,
+                                              context.get("allow_pickle", False))
     spec = artifacts.spec(inputs["data"])
     feeds = artifacts.inputs(inputs["data"])
     labels = artifacts.labels(inputs["data"])

@@ -72,7 +72,7 @@ def test_real_export_mismatch_names_the_layer(torch_registry, tmp_path):
     """TorchScript tracing bakes a data-dependent branch; kiln says which layer that was."""
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(128, 4)).astype(np.float32))
     recipe = tmp_path / "gated.yaml"
-    recipe.write_text("name: gated\nsource: {uri: 'models:/gated@champion'}\nexport: {exporter: torchscript}\n"
+    recipe.write_text("name: gated\nsource: {uri: 'models:/gated@champion', allow_pickle: true}\nexport: {exporter: torchscript}\n"
                       "validation: {data: {source: npz, path: x.npz, samples: 128}}\n")
     result = kiln("run", str(recipe), "--tracking-uri", torch_registry, "--artifacts", str(tmp_path / "a"))
     assert result.returncode == 1, result.stderr
@@ -83,7 +83,7 @@ def test_real_export_mismatch_names_the_layer(torch_registry, tmp_path):
 @pytest.mark.slow
 def test_nan_output_fails_with_one_line(torch_registry, tmp_path):
     recipe = tmp_path / "log.yaml"
-    recipe.write_text("name: log-model\nsource: {uri: 'models:/log-model@champion'}\n"
+    recipe.write_text("name: log-model\nsource: {uri: 'models:/log-model@champion', allow_pickle: true}\n"
                       "validation: {data: {source: synthetic, samples: 8}}\n")
     result = kiln("run", str(recipe), "--tracking-uri", torch_registry, "--artifacts", str(tmp_path / "a"))
     assert result.returncode == 1

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import ModuleType
 
 from pipeline.errors import ModelError
+from stages.untrusted import require_trusted
 
 FRAMEWORKS: dict[str, str] = {
     "pytorch": "stages.frameworks.pytorch",
@@ -61,37 +62,39 @@ def export_options() -> dict[str, type]:
     return found
 
 
-def model_inputs(source: dict, model_dir: Path, options: dict) -> list[dict] | None:
+def model_inputs(source: dict, model_dir: Path, options: dict, allow_pickle: bool = False) -> list[dict] | None:
     """The model's own input tensors ([{name, dtype, shape}], -1 for a dynamic axis) from its framework's optional
     `model_inputs(model_dir, options)`, for signatures that do not name them; None when the framework cannot say."""
-    return _ask_model(source, "model_inputs", model_dir, options)
+    return _ask_model(source, "model_inputs", model_dir, options, allow_pickle)
 
 
-def model_outputs(source: dict, model_dir: Path, options: dict) -> list[str] | None:
+def model_outputs(source: dict, model_dir: Path, options: dict, allow_pickle: bool = False) -> list[str] | None:
     """The model's own output names from its framework's optional `model_outputs(model_dir, options)`, for
     signatures that do not name them; None when the framework cannot say."""
-    return _ask_model(source, "model_outputs", model_dir, options)
+    return _ask_model(source, "model_outputs", model_dir, options, allow_pickle)
 
 
-def default_axes(source: dict, model_dir: Path, options: dict) -> dict[str, int] | None:
+def default_axes(source: dict, model_dir: Path, options: dict, allow_pickle: bool = False) -> dict[str, int] | None:
     """Sizes of the model's own named axes (e.g. a transformer's sequence) from its framework's optional
     `default_axes(model_dir, options)`; None when the framework has none."""
-    return _ask_model(source, "default_axes", model_dir, options)
+    return _ask_model(source, "default_axes", model_dir, options, allow_pickle)
 
 
-def tokenize(source: dict, model_dir: Path, options: dict, texts: list[str], length: int) -> dict:
+def tokenize(source: dict, model_dir: Path, options: dict, texts: list[str], length: int,
+             allow_pickle: bool = False) -> dict:
     """Validation text as the model's input tensors, by its framework's `tokenize`; only text models have one."""
     if not hasattr(framework(source.get("flavor") or "unknown"), "tokenize"):
         raise ModelError(f"validation.data.source text: {source['uri']} is a {source.get('flavor')} model, which "
                          "takes tensors, not text (text needs a model with a tokenizer: the transformers flavor)")
-    return _ask_model(source, "tokenize", model_dir, options, texts, length)
+    return _ask_model(source, "tokenize", model_dir, options, allow_pickle, texts, length)
 
 
-def _ask_model(source: dict, function: str, model_dir: Path, options: dict, *args):
+def _ask_model(source: dict, function: str, model_dir: Path, options: dict, allow_pickle: bool, *args):
     module = framework(source.get("flavor") or "unknown")
     reader = getattr(module, function, None)
     if reader is None:
         return None
+    require_trusted(model_dir, source["uri"], allow_pickle)  # readers may load the model
     try:
         return reader(model_dir, options, *args)
     except ModelError as exc:
@@ -104,9 +107,11 @@ def tools(flavor: str | None) -> list[str]:
     return list(importlib.import_module(FRAMEWORKS[flavor]).TOOLS)
 
 
-def load_source(source: dict, model_dir: Path, options: dict):
-    """Load the original model described by fetch's source.json; load errors name the model URI."""
+def load_source(source: dict, model_dir: Path, options: dict, allow_pickle: bool = False):
+    """Load the original model described by fetch's source.json; load errors name the model URI. A model that
+    would run code when loaded (stages/untrusted.py) is refused unless the step's context trusts it."""
     module = framework(source.get("flavor") or "unknown")
+    require_trusted(model_dir, source["uri"], allow_pickle)
     try:
         return module, module.load(model_dir, options)
     except ModelError as exc:

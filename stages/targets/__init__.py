@@ -82,6 +82,7 @@ class TargetContext:
     latency_gates: dict
     source_options: dict  # how the original model is called, e.g. {"signature": "serving_default"}
     bundle_dest: Path  # where the bundle will be delivered (absolute)
+    allow_pickle: bool = False  # the source is trusted to load in a format that runs code (stages/untrusted.py)
 
     @property
     def version(self) -> str:

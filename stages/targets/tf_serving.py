@@ -112,7 +112,9 @@ def _export_keras(ctx: TargetContext, target: Path) -> str:
     import tensorflow as tf
 
     from stages.frameworks import tensorflow as tf_framework
+    from stages.untrusted import require_trusted
 
+    require_trusted(ctx.model_dir, ctx.source["uri"], ctx.allow_pickle)  # e.g. Keras custom objects pickled
     loaded = tf_framework.load(ctx.model_dir, ctx.source_options)
     model, names = loaded.model, list(ctx.expected)
     specs = tf_framework.tensor_specs(ctx.spec)
