@@ -75,7 +75,7 @@ def _recipes(folder: Path) -> list[Path]:
         "export": {"exporter": "dynamo", "opset": 18},
         "optimize": {"level": "extended"},
         "validation": {"data": {"source": "synthetic", "samples": 8, "seed": 0},
-                       # a b1 call reads all 2.4 GB of weights: the budget, not the count, ends the timing
+                       # a b1 call reads all 2.15 GB of weights: the budget, not the count, ends the timing
                        "latency": {"batch_sizes": [1], "warmup": 2, "iterations": 100, "time_budget_s": 20},
                        # localization would hold a third copy of the weights in the validate worker
                        "shape_sweep": False, "localize": {"enabled": False}},
