@@ -110,7 +110,6 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     downloaded.rename(local)  # MLflow nests the files under the artifact folder's name
 
     recorded, got = _verified(download_uri, tracking_uri, local, f"models:/{name}/{version}")
-    _check_trust(source, local, got, context)
 
     mlmodel_path = local / "MLmodel"
     if not mlmodel_path.is_file():
@@ -123,6 +122,9 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         raise ModelError(
             f"models:/{name}/{version}: flavors {sorted(flavors)} include none kiln can convert ({', '.join(frameworks.FRAMEWORKS)})"
         )
+    # After the flavor: a model kiln cannot convert is refused for that, not for being untrusted. Nothing above
+    # loads the model (the MLmodel is read with yaml.safe_load).
+    _check_trust(source, local, got, context)
     signature = mlmodel.get("signature") or {}
     example = mlmodel.get("saved_input_example_info") or {}
     description = {

@@ -151,3 +151,14 @@ def test_the_torchscript_exporter_on_a_pt2_program_exits_2(defaults_registry, tm
     line = _one_error_line(result.stderr)
     assert "models:/digits-cnn-pt2/1" in line and "export.exporter torchscript" in line and "dynamo" in line, line
     assert not (tmp_path / "a" / "bundles").exists()
+
+
+def test_an_unsupported_flavor_exits_2_naming_the_model(defaults_registry, tmp_path):
+    """A custom pyfunc model has only the python_function flavor: refused by fetch for that (before any trust
+    check: the message says what kiln converts), nothing published."""
+    result = kiln("run", str(_recipe(tmp_path, "plain-pyfunc")), "--tracking-uri", defaults_registry,
+                  "--artifacts", str(tmp_path / "a"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = _one_error_line(result.stderr)
+    assert "models:/plain-pyfunc/1" in line and "['python_function'] include none kiln can convert" in line, line
+    assert not (tmp_path / "a" / "bundles").exists()

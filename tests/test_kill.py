@@ -19,6 +19,10 @@ from pipeline.hashing import sha256_file
 pytestmark = pytest.mark.slow
 
 
+# Three demo recipes (PyTorch, Keras, a transformer encoder) give steps of every kind to be killed in.
+KILLED = [str(RECIPES / f"{name}.yaml") for name in ("bert-encoder", "digits-cnn", "digits-keras")]
+
+
 def _bundles_whole(artifacts: Path) -> int:
     count = 0
     for manifest_path in (artifacts / "bundles").glob("*/v*/manifest.json"):
@@ -36,7 +40,7 @@ def _bundles_whole(artifacts: Path) -> int:
 def test_sigkill_at_random_moments(registry, tmp_path):
     artifacts = tmp_path / "artifacts"
     rng = random.Random(int(os.environ.get("KILN_KILL_SEED", "7")))
-    args = [sys.executable, "-m", "pipeline", "run", str(RECIPES), "--tracking-uri", registry,
+    args = [sys.executable, "-m", "pipeline", "run", *KILLED, "--tracking-uri", registry,
             "--artifacts", str(artifacts)]
     for delay in sorted(rng.uniform(2.0, 16.0) for _ in range(3)):
         process = subprocess.Popen(args, cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL,
@@ -48,7 +52,7 @@ def test_sigkill_at_random_moments(registry, tmp_path):
         verified = kiln("verify-store", "--artifacts", str(artifacts))
         assert verified.returncode == 0, verified.stderr
         _bundles_whole(artifacts)
-    result = kiln("run", str(RECIPES), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    result = kiln("run", *KILLED, "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 0, result.stderr
     assert _bundles_whole(artifacts) == 3
     assert not any((artifacts / "store" / "tmp").iterdir())  # stale build folders were cleaned
