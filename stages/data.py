@@ -59,7 +59,10 @@ class Data(Strict):
     source: Literal["input_example", "npz", "run_artifact", "synthetic", "text"] = "synthetic"
     path: str | None = Field(None, description="npz: file path; run_artifact: path inside the source model's run; "
                              "text: a text file, one sample per line")
-    texts: list[str] | None = Field(None, min_length=1, description="text: the samples (instead of a file)")
+    # Left out of dumps when unset, so recipes without text keep their data keys and recipe digests (a new digest
+    # would send every existing recipe's next build to a new immutable bundle folder).
+    texts: list[str] | None = Field(None, min_length=1, exclude_if=lambda v: v is None,
+                                    description="text: the samples (instead of a file)")
     labels: str | None = Field(None, description="Array name in the npz that holds class labels")
     samples: int = Field(32, ge=1, le=MAX_SAMPLES,
                          description="Synthetic: how many; npz/run_artifact/text: at most how many")
@@ -338,8 +341,6 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
 def plan(graph) -> None:
     recipe = graph.recipe
     data = recipe.validation.data.model_dump(mode="json")
-    if data["texts"] is None:
-        del data["texts"]  # a recipe without text keys its data step as before text existed
     config = {"data": data,
               "inputs": [t.model_dump(mode="json") for t in recipe.inputs] if recipe.inputs else None,
               "outputs": recipe.outputs, "source_options": graph.source_options}
