@@ -129,36 +129,29 @@ def test_a_one_row_example_gives_a_program_with_a_fixed_batch_and_a_bundle_at_th
     assert dims == [1, 1, 8, 8]
 
 
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("kiln:")]
-    assert len(lines) == 1, stderr
+def _refused(registry: str, tmp_path: Path, model: str, extra: str = "") -> str:
+    """`kiln run` on the model exits 2 with exactly one error line and publishes nothing; returns that line."""
+    result = kiln("run", str(_recipe(tmp_path, model, extra)), "--tracking-uri", registry,
+                  "--artifacts", str(tmp_path / "a"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("kiln:")]
+    assert len(lines) == 1, result.stderr
+    assert not (tmp_path / "a" / "bundles").exists()
     return lines[0]
 
 
 def test_a_pt2_program_torch_onnx_cannot_convert_exits_2_naming_the_model(defaults_registry, tmp_path):
-    result = kiln("run", str(_recipe(tmp_path, "svd-pt2")), "--tracking-uri", defaults_registry,
-                  "--artifacts", str(tmp_path / "a"))
-    assert result.returncode == 2, result.stderr[-3000:]
-    line = _one_error_line(result.stderr)
+    line = _refused(defaults_registry, tmp_path, "svd-pt2")
     assert "models:/svd-pt2/1" in line and "No ONNX function found for aten._linalg_svd" in line, line
-    assert not (tmp_path / "a" / "bundles").exists()
 
 
 def test_the_torchscript_exporter_on_a_pt2_program_exits_2(defaults_registry, tmp_path):
-    recipe = _recipe(tmp_path, "digits-cnn-pt2", "export: {exporter: torchscript}\n")
-    result = kiln("run", str(recipe), "--tracking-uri", defaults_registry, "--artifacts", str(tmp_path / "a"))
-    assert result.returncode == 2, result.stderr[-3000:]
-    line = _one_error_line(result.stderr)
+    line = _refused(defaults_registry, tmp_path, "digits-cnn-pt2", "export: {exporter: torchscript}\n")
     assert "models:/digits-cnn-pt2/1" in line and "export.exporter torchscript" in line and "dynamo" in line, line
-    assert not (tmp_path / "a" / "bundles").exists()
 
 
 def test_an_unsupported_flavor_exits_2_naming_the_model(defaults_registry, tmp_path):
     """A custom pyfunc model has only the python_function flavor: refused by fetch for that (before any trust
-    check: the message says what kiln converts), nothing published."""
-    result = kiln("run", str(_recipe(tmp_path, "plain-pyfunc")), "--tracking-uri", defaults_registry,
-                  "--artifacts", str(tmp_path / "a"))
-    assert result.returncode == 2, result.stderr[-3000:]
-    line = _one_error_line(result.stderr)
+    check: the message says what kiln converts)."""
+    line = _refused(defaults_registry, tmp_path, "plain-pyfunc")
     assert "models:/plain-pyfunc/1" in line and "['python_function'] include none kiln can convert" in line, line
-    assert not (tmp_path / "a" / "bundles").exists()
