@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import json
 
-from conftest import RECIPES, kiln
+import re
+
+import yaml
+
+from conftest import RECIPES, ROOT, kiln
 from pipeline.recipe import Recipe, json_schema, load_recipe
 
 
@@ -10,6 +14,15 @@ def test_example_recipes_are_valid():
     for path in sorted([*RECIPES.glob("*.yaml"), *RECIPES.glob("tuned/*.yaml")]):
         recipe = load_recipe(path)
         assert recipe.source.uri.startswith("models:/")
+
+
+def test_readme_recipes_are_valid():
+    """Users copy the README's recipes: each YAML block with a `source` must be a recipe kiln accepts."""
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)]
+    recipes = [b for b in blocks if isinstance(b, dict) and "source" in b]
+    assert len(recipes) >= 6  # the shortest recipe per flavor and the full example
+    for block in recipes:
+        Recipe.model_validate(block)
 
 
 def test_cli_validate_and_schema():
