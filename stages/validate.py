@@ -19,7 +19,7 @@ from pipeline.versions import onnxruntime_distribution
 from stages import artifacts, frameworks, latency, localize, machine, parity
 from stages.tensors import CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, resize_axes
 
-VERSION = 8
+VERSION = 9
 
 
 class Latency(Strict):

@@ -97,6 +97,9 @@ def test_text_classifier_from_the_source_uri_alone(bundles, tx_registry):
     task = manifest["metrics"]["task_parity"]
     assert task["metric"] == "label agreement" and task["value"] == 1.0 and task["compared"] == 32
     assert task["distinct_labels"] >= 2  # the random model gives different labels to different inputs
+    # Per-layer comparison works on the transformer's modules (a layer returning (tensor, None) used to end it).
+    layers = manifest["metrics"]["localization"]
+    assert layers["available"] and layers["layers_matched"] >= 10 and layers["first_divergent"] is None, layers
     report = (bundles["tx-text"] / "report.md").read_text()
     assert "## Task-level parity" in report and "| text-classification | label agreement | logits | 1 | 32 texts |" \
         in report

@@ -301,7 +301,10 @@ def layer_outputs(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[
 
     def hook_for(name: str):
         def hook(module, args, output):
-            tensors = _flatten(output) if not isinstance(output, torch.Tensor) else [output]
+            try:
+                tensors = _flatten(output)
+            except ModelError:  # e.g. a transformer layer's (tensor, None) or a cache object: skip this module,
+                return  # not the whole comparison (an error raised in a hook would end the forward pass)
             if name not in seen and tensors and tensors[0].is_floating_point():
                 seen.add(name)
                 records.append((name, type(module).__name__, tensors[0].detach().cpu().numpy().copy()))
