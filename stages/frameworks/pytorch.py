@@ -291,8 +291,6 @@ def rename_outputs(model, names: list[str]) -> None:
 
 def layer_outputs(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
     """(qualified module name, module type, output) for every submodule, in the order they finished."""
-    import torch
-
     if isinstance(model, Program):
         return _program_layer_outputs(model, spec, feeds)
 
