@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +198,7 @@ def save_onnx(proto, path: Path) -> None:
     by an earlier write is removed first: ONNX appends to an existing one."""
     import onnx
 
-    if data_file(path).exists():
-        data_file(path).unlink()
+    data_file(path).unlink(missing_ok=True)
     if _proto_bytes(proto) > external_data_bytes():
         onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=data_file(path).name, size_threshold=EXTERNAL_TENSOR_BYTES)
@@ -222,6 +222,16 @@ def settle_onnx(path: Path) -> bool:
         (path.parent / name).unlink()
     save_onnx(graph, path)
     return data_file(path).exists()
+
+
+def data_file_name(model: Path) -> str | None:
+    """The name of the model's data file, or None for a self-contained model (what manifests and summaries say)."""
+    return data_file(model).name if data_file(model).exists() else None
+
+
+def op_counts(path: Path) -> Counter:
+    """How many nodes of each operator type the graph at path has (its weights are not read)."""
+    return Counter(node.op_type for node in load_graph(path).graph.node)
 
 
 def load_graph(path: Path):

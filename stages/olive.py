@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import tempfile
-from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -111,15 +110,9 @@ def unknown_pass(name: str) -> str | None:
     return f"{name!r} is not an Olive pass (olive-ai {version_of(DISTRIBUTION)}){hint}"
 
 
-def _ops(path: Path) -> Counter:
-    import onnx
-
-    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-
-
 def _graph_change(before: Path, after: Path) -> dict:
     """What a pass did to the graph: node counts, op types added/removed (by count), size."""
-    old, new = _ops(before), _ops(after)
+    old, new = artifacts.op_counts(before), artifacts.op_counts(after)
     return {
         "nodes_before": sum(old.values()),
         "nodes_after": sum(new.values()),

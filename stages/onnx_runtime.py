@@ -113,8 +113,7 @@ def optimize_offline(source: Path, target: Path, level: str, providers: list[str
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     options.optimized_model_filepath = str(target)
     options.log_severity_level = 3
-    if artifacts.data_file(target).exists():
-        artifacts.data_file(target).unlink()
+    artifacts.data_file(target).unlink(missing_ok=True)
     if artifacts.has_external_data(source) or artifacts.onnx_bytes(source) > artifacts.external_data_bytes():
         # ONNX Runtime cannot save a graph over protobuf's 2 GiB inline: the initializers go beside it. And
         # told nothing, it keeps initializers read from external data as references to the *source's* data

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections import Counter
 from pathlib import Path
 
 from typing import Literal
@@ -47,12 +46,6 @@ def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
     return ["onnx", onnxruntime_distribution()]
 
 
-def _ops(path: Path) -> Counter:
-    import onnx
-
-    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
-
-
 def _transformer(config: Config, exported: Path) -> tuple[TransformerFusion | None, str | None]:
     """The fusion to run and where its settings came from: the recipe's `optimize.transformer` when set (it wins),
     else what the export read from the model's own config (a transformers model), else none."""
@@ -68,7 +61,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     from stages import onnx_runtime
 
     source = artifacts.onnx_model(inputs["onnx"])
-    before = _ops(source)
+    before = artifacts.op_counts(source)
     fusions: dict[str, int] = {}
     current = source
     transformer, origin = _transformer(config, inputs["onnx"])
@@ -103,7 +96,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     onnx_runtime.optimize_offline(current, artifacts.quantizable(out), "basic")
     if current != source:
         artifacts.remove_onnx(current)
-    after = _ops(target)
+    after = artifacts.op_counts(target)
     return {
         "level": config.level,
         "transformer": transformer.model_type if transformer else None,
@@ -113,7 +106,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
         "bytes": artifacts.onnx_bytes(target),
-        "external_data": artifacts.data_file(target).name if artifacts.data_file(target).exists() else None,
+        "external_data": artifacts.data_file_name(target),
     }
 
 

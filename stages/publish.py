@@ -99,7 +99,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         "model": {
             "file": "model.onnx",
             # its initializers, when the model is too large for one protobuf (hashed in `files` like the rest)
-            "data_file": _data_file(out / "model.onnx"),
+            "data_file": artifacts.data_file_name(out / "model.onnx"),
             "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in spec.inputs],
             "outputs": list(candidate),
         },
@@ -136,12 +136,6 @@ def _serving(inputs: dict[str, Path], out: Path, upstream: dict) -> dict[str, di
         if not summary.get("skipped"):
             shutil.copytree(inputs[name], out / "serving" / target)
     return serving
-
-
-def _data_file(model: Path) -> str | None:
-    """The model's external-data file, by its path in the bundle, or None for a self-contained model.onnx."""
-    data = artifacts.data_file(model)
-    return data.name if data.exists() else None
 
 
 def _tools(steps: list[dict]) -> dict[str, str | None]:

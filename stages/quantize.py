@@ -112,8 +112,7 @@ def _quantize(kind: str, variant: QuantizeVariant, source: Path, target: Path, c
     # A model over protobuf's limit is read and written with external data (`<target>.data`); the data file a
     # previous round left is removed first, since ONNX appends to an existing one.
     large = artifacts.onnx_bytes(source) > artifacts.external_data_bytes()
-    if artifacts.data_file(target).exists():
-        artifacts.data_file(target).unlink()
+    artifacts.data_file(target).unlink(missing_ok=True)
     if kind == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
