@@ -1,8 +1,13 @@
-"""Latency measurement that compares runtimes fairly on a noisy machine: warm-up, then interleaved rounds so
-that drift (thermal, other processes) hits every runtime alike. Rounds continue past the minimum until every
-runtime's p50 is known to the target precision (its 95 % confidence interval), or the time budget or the
-iteration cap is reached. Process RSS is sampled every millisecond during each runtime's warm-up and after each
-of its timed rounds, for its peak (both runtimes share the process, so it is the process's peak by then)."""
+"""Latency measurement that compares runtimes fairly on a noisy machine, and stops when it knows enough.
+
+Each runtime is timed in warm blocks of its own, the order rotating every round so that drift (thermal, other
+processes) hits every runtime alike. A runtime's first calls after another one ran are slow (measured here: 31-61
+ms against a 20 ms median for a MiniLM-sized ONNX Runtime session; the other runtime's threads still spin, its
+weights fill the caches), so every block opens with untimed re-warm calls: no timed call follows a switch.
+Measuring stops when every p50 (and p95 where it is gated or optimized) is known to the target precision (its
+distribution-free 95 % confidence interval), after a small minimum, or when the time budget or the iteration cap
+is reached. Process RSS is sampled every millisecond during each runtime's warm-up and after each of its blocks,
+for its peak (the runtimes share the process, so it is the process's peak by then)."""
 
 from __future__ import annotations
 
@@ -64,23 +69,37 @@ def exclusive(lock: Path = LOCK):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def median_ci(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:
-    """Distribution-free 95 % confidence interval of the median (order statistics of a binomial)."""
+def quantile_ci(values: np.ndarray, q: float, z: float = 1.96) -> tuple[float, float] | None:
+    """Distribution-free 95 % confidence interval of the q-quantile (order statistics of a binomial), or None
+    when there are too few values for one (a p95 needs about 60)."""
     ordered = np.sort(values)
     n = ordered.size
-    half = z * math.sqrt(n) / 2
-    low = max(0, int(math.floor(n / 2 - half)) - 1)
-    high = min(n - 1, int(math.ceil(n / 2 + half)))
+    half = z * math.sqrt(n * q * (1 - q))
+    low = int(math.floor(n * q - half)) - 1  # ranks counted from 1, indices from 0
+    high = int(math.ceil(n * q + half)) - 1
+    if low < 0 or high > n - 1:
+        return None
     return float(ordered[low]), float(ordered[high])
+
+
+def median_ci(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """The median's 95 % confidence interval; with few values, the widest the values allow."""
+    found = quantile_ci(values, 0.5, z)
+    if found is not None:
+        return found
+    ordered = np.sort(values)
+    return float(ordered[0]), float(ordered[-1])
 
 
 def stats(samples_ms: list[float], batch: int) -> dict:
     values = np.asarray(samples_ms)
     low, high = median_ci(values)
+    p95_ci = quantile_ci(values, 0.95)
     return {
         "p50_ms": float(np.percentile(values, 50)),
         "p50_ci_ms": (high - low) / 2,
         "p95_ms": float(np.percentile(values, 95)),
+        "p95_ci_ms": None if p95_ci is None else (p95_ci[1] - p95_ci[0]) / 2,
         "p99_ms": float(np.percentile(values, 99)),
         "mean_ms": float(values.mean()),
         "min_ms": float(values.min()),
@@ -90,51 +109,125 @@ def stats(samples_ms: list[float], batch: int) -> dict:
     }
 
 
-def _precise(samples: list[float], target: float) -> bool:
+# Fewer timed runs than this give no 95 % interval of the median at all (5 runs: the range covers it 94 % of
+# the time), so precision is never judged on fewer.
+FEWEST = 5
+
+
+def precise(samples: list[float], target: float | None, p95: bool = False) -> bool:
+    """Whether the p50 (and the p95 with `p95`) is known to within target x its value (95 % CI half-width)."""
+    if target is None:
+        return True
     values = np.asarray(samples)
+    if values.size < FEWEST:
+        return False
     low, high = median_ci(values)
-    return (high - low) / 2 <= target * float(np.median(values))
+    if (high - low) / 2 > target * float(np.median(values)):
+        return False
+    if p95:
+        found = quantile_ci(values, 0.95)
+        return found is not None and (found[1] - found[0]) / 2 <= target * float(np.percentile(values, 95))
+    return True
+
+
+class _Runtime:
+    """One call being timed: its samples and how many timed calls make one block of it."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.call = call
+        self.samples: list[float] = []
+        self.timed_s = 0.0
+        self.block = 1
+        self.rewarm_calls = 0
+
+    def time_one(self) -> None:
+        begin = time.perf_counter_ns()
+        self.call()
+        elapsed = (time.perf_counter_ns() - begin) / 1e6
+        self.samples.append(elapsed)
+        self.timed_s += elapsed / 1000
+
+    def untimed(self, seconds: float, at_least: int) -> list[float]:
+        """Calls not timed for the result, for at least `seconds` and `at_least` calls; their durations."""
+        took, started = [], time.perf_counter()
+        while len(took) < at_least or time.perf_counter() - started < seconds:
+            begin = time.perf_counter()
+            self.call()
+            took.append(time.perf_counter() - begin)
+        return took
 
 
 def measure(
     calls: dict[str, Callable[[], object]],
     batch: int,
-    warmup: int,
-    iterations: int,
-    rounds: int = 5,
-    target_ci: float | None = None,
-    max_iterations: int | None = None,
-    time_budget_s: float | None = None,
+    warmup: int = 3,
+    min_iterations: int = 10,
+    min_seconds: float = 2.0,
+    target_ci: float | None = 0.05,
+    p95: bool = False,
+    max_iterations: int = 2000,
+    time_budget_s: float | None = 10.0,
+    block_seconds: float = 0.25,
+    rewarm_seconds: float = 0.05,
+    say: Callable[[str], None] | None = None,
 ) -> dict:
-    """{name: stats} for each zero-argument call: at least `iterations` timed runs each in `rounds` interleaved
-    rounds; with target_ci, more rounds until each p50's 95 % CI half-width <= target_ci x p50."""
+    """{name: stats} for each zero-argument call, timed in warm blocks of its own.
+
+    Each runtime is warmed up, then timed in rounds of blocks: one block per runtime per round, the order rotating
+    every round so that drift hits every runtime alike. No timed call is the first after another runtime ran: each
+    block opens with untimed calls for at least `rewarm_seconds` (the other runtime's threads may still spin, its
+    weights fill the caches). A block lasts about `block_seconds` (at least 3 calls).
+
+    Measuring stops by precision, not by count: once every runtime has `min_iterations` timed runs (or, for a slow
+    call, `min_seconds` of them and at least 5), as soon as each one's p50 (and p95 with `p95`) is known to within
+    `target_ci` of its value; or at `max_iterations` runs, or once `time_budget_s` is used (every runtime with at
+    least 3 runs by then). `ci_target_met` says which of the three stopped it."""
+    runtimes = {name: _Runtime(call) for name, call in calls.items()}
     peaks: dict[str, float] = {}
-    for name, call in calls.items():
+    for name, runtime in runtimes.items():
         with _PeakRss() as rss:
-            for _ in range(warmup):
-                call()
+            took = runtime.untimed(rewarm_seconds, warmup)
         peaks[name] = rss.peak
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    per_round = max(1, iterations // rounds)
+        cost = float(np.median(took[-3:]))
+        runtime.block = int(min(200, max(3, round(block_seconds / max(cost, 1e-6)))))
+    names = list(runtimes)
+    last = names[-1]  # the last one warmed up: it alone may start without a re-warm
     started = time.perf_counter()
-    cap = max_iterations or iterations
+
+    def enough(r: _Runtime) -> bool:
+        n = len(r.samples)
+        return n >= min(min_iterations, max_iterations) or (r.timed_s >= min_seconds and n >= FEWEST)
+
+    round_index = 0
     while True:
-        for name, call in calls.items():
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            runtime = runtimes[name]
+            room = max_iterations - len(runtime.samples)
+            if room <= 0:  # at the cap: the others go on without it
+                continue
+            if name != last:
+                runtime.rewarm_calls += len(runtime.untimed(rewarm_seconds, 1))
             # No sampler thread while timing: it would compete for the GIL with the runtime being timed.
-            for _ in range(per_round):
-                begin = time.perf_counter_ns()
-                call()
-                times[name].append((time.perf_counter_ns() - begin) / 1e6)
+            for _ in range(min(runtime.block, room)):
+                runtime.time_one()
             peaks[name] = max(peaks[name], _rss_mb())
-        done = min(len(t) for t in times.values())
-        if done < iterations:
+            last = name
+            if say is not None:
+                say(f"batch {batch}: {name} ({len(runtime.samples)} timed runs)")
+        round_index += 1
+        elapsed = time.perf_counter() - started
+        out_of_time = time_budget_s is not None and elapsed > time_budget_s
+        if out_of_time and all(len(r.samples) >= 3 for r in runtimes.values()):
+            break
+        if not all(enough(r) for r in runtimes.values()):
             continue
-        if target_ci is None or all(_precise(t, target_ci) for t in times.values()):
+        unsure = [r for r in runtimes.values() if not precise(r.samples, target_ci, p95)]
+        if all(len(r.samples) >= max_iterations for r in unsure):
             break
-        if done >= cap or (time_budget_s is not None and time.perf_counter() - started > time_budget_s):
-            break
-    result = {name: stats(samples, batch) for name, samples in times.items()}
-    for name in result:
-        result[name]["peak_rss_mb"] = round(peaks[name], 1)
-        result[name]["ci_target_met"] = target_ci is None or _precise(times[name], target_ci)
+    result = {}
+    for name, runtime in runtimes.items():
+        result[name] = stats(runtime.samples, batch)
+        result[name].update(peak_rss_mb=round(peaks[name], 1), rewarm_calls=runtime.rewarm_calls,
+                            ci_target_met=precise(runtime.samples, target_ci, p95))
     return result

@@ -13,25 +13,30 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
+from pipeline import progress
 from pipeline.errors import ModelError
 from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
 from stages import artifacts, frameworks, latency, localize, machine, parity
 from stages.tensors import CHUNK, ModelSpec, axis_sizes, batch_of, chunked_outputs, resize_axes
 
-VERSION = 9
+VERSION = 10
 
 
 class Latency(Strict):
     batch_sizes: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(default_factory=lambda: [1], min_length=1)
-    warmup: int = Field(10, ge=1, le=100_000)
-    iterations: int = Field(100, ge=100, le=1_000_000, description="Timed runs per batch size and runtime (>= 100)")
+    warmup: int = Field(2, ge=1, le=100_000, description="Untimed calls per runtime before its first block")
+    iterations: int = Field(
+        10, ge=5, le=1_000_000, description="Fewest timed runs per batch size and runtime (a slow call: min_seconds "
+        "of runs, at least 5); more until target_ci is met")
+    min_seconds: float = Field(2.0, ge=0, le=3600, description="A slow call's minimum: this much timed work")
     threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads for both runtimes; default: all cores")
     target_ci: float | None = Field(
-        0.05, gt=0, description="Keep measuring until each p50's 95 % CI half-width is within this fraction of it"
+        0.05, gt=0, description="Keep measuring until each p50's 95 % CI half-width is within this fraction of it "
+        "(and each p95's, where gates.latency.max_p95_ms is set); null: exactly `iterations` runs"
     )
-    max_iterations: int = Field(2000, ge=100, description="Cap on timed runs per runtime and batch size")
-    time_budget_s: float = Field(10.0, gt=0, description="Cap on extra measuring time per batch size")
+    max_iterations: int = Field(2000, ge=5, description="Cap on timed runs per runtime and batch size")
+    time_budget_s: float = Field(10.0, gt=0, description="Cap on measuring time per batch size (every runtime)")
 
 
 class Localize(Strict):
@@ -42,6 +47,7 @@ class Localize(Strict):
 
 class Config(StageConfig):
     latency: Latency
+    precise_p95: bool = Field(False, description="A gate reads the p95: measure until it too is known to target_ci")
     shape_sweep: bool
     localize: Localize
     source_options: dict[str, str] = Field(description="How the original model is called (frameworks' load)")
@@ -124,7 +130,8 @@ def _localization(settings: Localize, framework, model, spec: ModelSpec, feeds: 
     return localize.localize(framework, model, spec, subset, exported, settings.tolerance)
 
 
-def _latency(settings: Latency, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray], runner) -> dict:
+def _latency(settings: Latency, precise_p95: bool, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray],
+             runner) -> dict:
     """Latency of the original and the ONNX model at each batch size, with this step alone on the machine."""
     timings = {}
     with latency.exclusive():
@@ -137,10 +144,13 @@ def _latency(settings: Latency, framework, model, spec: ModelSpec, feeds: dict[s
                 },
                 batch=batch,
                 warmup=settings.warmup,
-                iterations=settings.iterations,
+                min_iterations=settings.iterations,
+                min_seconds=settings.min_seconds if settings.target_ci is not None else 0.0,
                 target_ci=settings.target_ci,
-                max_iterations=settings.max_iterations,
-                time_budget_s=settings.time_budget_s,
+                p95=precise_p95,
+                max_iterations=settings.max_iterations if settings.target_ci is not None else settings.iterations,
+                time_budget_s=settings.time_budget_s if settings.target_ci is not None else None,
+                say=progress.update,
             )
             measured["speedup_p50"] = measured["original"]["p50_ms"] / measured["onnxruntime"]["p50_ms"]
             timings[str(batch)] = measured
@@ -181,7 +191,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     task_parity = _task_parity(framework, model, spec, feeds, names, reference, candidate)
     localization = (_localization(config.localize, framework, model, spec, feeds, reference, candidate,
                                   artifacts.onnx_model(inputs["exported"])) if config.localize.enabled else None)
-    timings = _latency(settings, framework, model, spec, feeds, runner)
+    timings = _latency(settings, config.precise_p95, framework, model, spec, feeds, runner)
 
     metrics = {
         "framework": flavor,
@@ -210,7 +220,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
 def config_for(graph) -> dict:
     """The validation settings every candidate is measured with."""
     validation = graph.recipe.validation
-    return {"latency": validation.latency.model_dump(mode="json"), "shape_sweep": validation.shape_sweep,
+    return {"latency": validation.latency.model_dump(mode="json"),
+            "precise_p95": graph.recipe.gates.latency.max_p95_ms is not None, "shape_sweep": validation.shape_sweep,
             "localize": validation.localize.model_dump(mode="json"),
             "source_options": graph.source_options}
 

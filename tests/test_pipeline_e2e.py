@@ -45,7 +45,8 @@ def test_first_run_publishes_two_passing_bundles(built):
             assert measured["cosine"] > 0.9999
         for timing in manifest["metrics"]["latency"].values():
             for runtime in ("original", "onnxruntime"):
-                assert timing[runtime]["iterations"] >= 100
+                # stopped by precision: at least the harness's fewest runs, and the p50 known to 5 % or the budget used
+                assert timing[runtime]["iterations"] >= 5 and "ci_target_met" in timing[runtime]
                 assert 0 < timing[runtime]["p50_ms"] <= timing[runtime]["p95_ms"] <= timing[runtime]["p99_ms"]
             assert timing["speedup_p50"] > 0
         stages = [s["stage"] for s in manifest["steps"]]

@@ -38,4 +38,4 @@ def test_cli_validate_and_schema():
 def test_version_uri_and_defaults():
     recipe = Recipe.model_validate({"name": "m", "source": {"uri": "models:/m/3"}})
     assert recipe.export.exporter == "dynamo"
-    assert recipe.validation.latency.iterations >= 100
+    assert recipe.validation.latency.iterations == 10 and recipe.validation.latency.target_ci == 0.05

@@ -155,16 +155,19 @@ def _tuning_sections(tuning: dict) -> list[dict]:
                 else f"fails: {c['reason']}"
             fusion = c["fusion"]["level"] + (" + " + c["fusion"]["transformer"]["model_type"] if c["fusion"].get("transformer") else "")
             size = round(c["bytes"] / 2**20, 2) if c["bytes"] is not None else None
+            if c.get("note"):
+                verdict += f" ({c['note']})"
             rows.append([c["candidate"], c["exporter"], fusion, c["precision"], size,
                          error.get("mean_cosine"), error.get("max_abs_error"),
                          *[lat.get(b, {}).get("p50_ms") for b in batches], *[lat.get(b, {}).get("p95_ms") for b in batches],
-                         c["objective"], verdict])
+                         c["objective"], c.get("measured"), verdict])
         winner = record["winner"]
         opts = winner["measured_with"]
         machine = record["machine"]
         text = [
             f"objective: {record['objective']} (geometric mean over batch sizes {', '.join(batches)}), lower is "
-            f"better; constraint: the parity gates of each candidate's precision",
+            f"better; constraint: the parity gates of each candidate's precision. Each row shows its candidate's "
+            f"figures from the final (side by side with the winner) where it reached it, else from its own trial",
             f"winner `{winner['candidate']}`: {opts['providers'][0]}"
             f"{' ' + str(opts['provider_options'][0]) if opts['provider_options'][0] else ''}, "
             f"{opts['session_options']['intra_op_num_threads']} intra-op threads, "
@@ -184,7 +187,7 @@ def _tuning_sections(tuning: dict) -> list[dict]:
         out.append({"title": title, "text": text, "rows": rows,
                     "header": ["candidate", "exporter", "fusion", "precision", "MB", "mean cosine", "max abs",
                                *[f"p50 ms b{b}" for b in batches], *[f"p95 ms b{b}" for b in batches],
-                               "objective ms", "result"]})
+                               "objective ms", "timed in", "result"]})
     return out
 
 
