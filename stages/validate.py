@@ -177,6 +177,8 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     runner = onnx_runtime.Runner(artifacts.onnx_model(inputs["onnx"]), session)
     names = [o.name for o in runner.session(feeds).get_outputs()]
 
+    samples = int(next(iter(feeds.values())).shape[0])
+    progress.update(f"comparing {samples} samples: original and ONNX Runtime")
     reference = chunked_outputs(lambda f: framework.predict(model, spec, f), spec, feeds)
     candidate = chunked_outputs(runner.run, spec, feeds)
     if len(reference) != len(candidate):
@@ -184,11 +186,13 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     artifacts.write_outputs(out, dict(zip(names, reference)), dict(zip(names, candidate)))
     outputs = {name: parity.compare(r, c) for name, r, c in zip(names, reference, candidate)}
 
+    progress.update("comparing at other axis sizes")
     sweep, sweep_arrays = ([], {}) if not config.shape_sweep else _shape_sweep(framework, model, spec, feeds,
                                                                                     runner, names)
     artifacts.write_sweep(out, sweep_arrays)
     task = _task(labels, names, reference, candidate) if labels is not None else None
     task_parity = _task_parity(framework, model, spec, feeds, names, reference, candidate)
+    progress.update("comparing layer by layer")
     localization = (_localization(config.localize, framework, model, spec, feeds, reference, candidate,
                                   artifacts.onnx_model(inputs["exported"])) if config.localize.enabled else None)
     timings = _latency(settings, config.precise_p95, framework, model, spec, feeds, runner)
@@ -198,7 +202,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         "threads": threads,
         "session": session,
         "machine": machine.describe(),
-        "samples": int(next(iter(feeds.values())).shape[0]),
+        "samples": samples,
         "outputs": outputs,
         "shape_sweep": sweep,
         "task": task,
