@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.tuner_consistency import consistency, show  # noqa: E402
 from benchmarks.zoo import MODELS  # noqa: E402
 
 ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -93,64 +94,6 @@ def _steps(summary: dict) -> dict[str, dict]:
     return {s["step"].split(":", 1)[1]: s for s in summary["recipes"][0]["steps"]}
 
 
-TIME_ONE = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from stages import onnx_runtime
-from stages.latency import measure
-from stages.tensors import batch_of
-import numpy as np
-job = json.loads(sys.argv[2])
-feeds = dict(np.load(job["feeds"]))
-runner = onnx_runtime.Runner(job["model"], job["settings"])
-out = {}
-for batch in job["batches"]:
-    f = {k: v[:batch] for k, v in feeds.items()}
-    out[str(batch)] = measure({"c": runner.call(f)}, batch=batch)["c"]["p50_ms"]
-print(json.dumps(out))
-"""
-
-
-def _consistency(summary: dict, store_root: Path, workdir: Path, repeats: int = 3) -> dict:
-    """The tuned table's top three, each re-timed in fresh processes with its best settings."""
-    from pipeline.store import Store
-    from stages.tune import objective
-
-    store = Store(store_root)
-    entries = {}
-    for step in summary["recipes"][0]["steps"]:
-        entry = store.lookup(step["key"]) if step.get("key") else None
-        if entry is not None:
-            entries[entry.output_hash] = entry
-    tune_entry = next(e for e in entries.values() if e.meta["stage"] == "tune")
-    record = json.loads((tune_entry.out / "tune.json").read_text())
-    rows = sorted((r for r in record["candidates"] if r["objective"] is not None), key=lambda r: r["objective"])[:3]
-    jobs = {}
-    for row in rows:
-        trials = [t for t in record["trials"] if t["candidate"] == row["candidate"] and t["objective"] is not None]
-        best = min(trials, key=lambda t: t.get("final_objective", t["objective"]))
-        model = entries[tune_entry.meta["inputs"][f"cand.{row['candidate']}"]].out / "model.onnx"
-        jobs[row["candidate"]] = {"model": str(model), "settings": best["settings"], "batches": record["batch_sizes"],
-                                  "feeds": str(workdir / "feeds.npz")}
-    with np.load(workdir / "sentences.npz") as data:
-        np.savez(workdir / "feeds.npz", **{k: data[k][:max(record["batch_sizes"])] for k in data.files})
-    fresh: dict[str, list[float]] = {c: [] for c in jobs}
-    names = list(jobs)
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            done = subprocess.run([sys.executable, "-c", TIME_ONE, str(ROOT), json.dumps(jobs[name])],
-                                  capture_output=True, text=True, env={**os.environ, **ENV}, check=True)
-            per_batch = {b: {"p50_ms": v} for b, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
-            fresh[name].append(objective(per_batch, "p50"))
-    medians = {c: float(np.median(v)) for c, v in fresh.items()}
-    first = min(medians.values())
-    winner = record["winner"]["candidate"]
-    return {"objective": record["objective"], "winner": winner,
-            "table": {r["candidate"]: r["objective"] for r in rows},
-            "fresh_p50_objective": medians, "fresh_runs": fresh,
-            "winner_vs_first": medians[winner] / first if winner in medians else None}
-
-
 def main() -> None:
     from stages.machine import describe
 
@@ -185,14 +128,8 @@ def main() -> None:
             print(f"tuned: build {seconds:.1f} s from an empty store; {summary['recipes'][0]['status']}; "
                   f"tune.cpu {steps.get('tune.cpu', {}).get('seconds')} s: {tune}")
             if "consistency" in wanted and summary["recipes"][0]["status"] == "passed":
-                found = _consistency(summary, store / "store", workdir)
-                report["consistency"] = found
-                print(f"consistency ({found['objective']} objective in the table; fresh processes timed p50):")
-                for cand, value in found["fresh_p50_objective"].items():
-                    mark = " <- winner" if cand == found["winner"] else ""
-                    print(f"  {cand}: table {found['table'][cand]:.3f} ms, fresh {value:.3f} ms "
-                          f"{[round(v, 3) for v in found['fresh_runs'][cand]]}{mark}")
-                print(f"  winner / fastest fresh: {found['winner_vs_first']}")
+                report["consistency"] = consistency(summary, store / "store")
+                show(report["consistency"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 
