@@ -110,7 +110,10 @@ def test_metrics_cover_shapes_layers_and_adaptive_latency(cnn_bundle):
     assert metrics["outputs"]["logits"]["topk_agreement"] > 0.95
     for timing in metrics["latency"].values():
         for runtime in ("original", "onnxruntime"):
-            assert timing[runtime]["iterations"] >= 200 and timing[runtime]["peak_rss_mb"] > 0
+            # stopped by precision: at least the recipe's 200 runs or 2 s of them, then the p50 known to 5 %
+            assert timing[runtime]["iterations"] >= 5 and timing[runtime]["peak_rss_mb"] > 0
+            assert timing[runtime]["iterations"] >= 200 or sum(timing[runtime]["samples_ms"]) >= 2000
+            assert timing[runtime]["ci_target_met"] or sum(timing[runtime]["samples_ms"]) >= 10_000 / 2
             assert len(timing[runtime]["samples_ms"]) == timing[runtime]["iterations"]
     assert metrics["machine"]["cores"] >= 1
     printed = kiln("report", str(cnn_bundle))
