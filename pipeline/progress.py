@@ -3,10 +3,12 @@
     from pipeline import progress
     progress.update("timing batch 32: onnxruntime (run 40)")
 
-A stage may call `update` as often as it likes, from any executor: it costs a clock read when nobody listens
-(no listener is set) or when the last line went out less than MIN_INTERVAL_S ago, and it never raises.
+A stage may call `update` as often as it likes, from any thread and under any executor: it only stores the
+line (nothing at all happens when nobody listens), and never raises. While a step runs, a sender thread passes
+the latest line on at most every SEND_INTERVAL_S, and only when it changed: a timing loop that reports every
+iteration costs an assignment per iteration, and a phase that follows another within the interval is not lost.
 
-Transport: the worker that runs a step (pipeline/executor.py `execute`) writes the step's latest line to a small
+Transport: the worker that runs a step (pipeline/executor.py `execute`) keeps the step's latest line in a small
 file, `progress_file(logs, key)` under the run's logs folder; the runner reads the files of its running steps
 about once a second while it waits for them and reports each as a "progress" event. A file needs no pool
 initializer, no extra process and no socket, works the same for a local worker process and for a Ray worker on
@@ -17,45 +19,50 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-MIN_INTERVAL_S = 0.5  # at most two lines a second reach the listener; the runner reads once a second anyway
+SEND_INTERVAL_S = 0.5  # the runner reads once a second: twice that is fresh enough, and costs nothing
 
-_listener: Callable[[str], None] | None = None
-_last_sent = float("-inf")
-_lock = threading.Lock()  # a stage may report from several threads; only one line goes out at a time
+_listening = False
+_latest: str | None = None  # the line update() stored last; the sender thread passes it on
 
 
 def update(text: str) -> None:
-    """Say what the running step is doing now (one short line). Dropped when it comes too soon after the last."""
-    global _last_sent
-    listener = _listener
-    if listener is None:
-        return
-    now = time.monotonic()
-    if now - _last_sent < MIN_INTERVAL_S or not _lock.acquire(blocking=False):
-        return
-    try:
-        _last_sent = now
-        listener(" ".join(str(text).split())[:200])  # one line, whatever the caller passed
-    except Exception:  # noqa: BLE001 - progress must never fail the step it describes
-        pass
-    finally:
-        _lock.release()
+    """Say what the running step is doing now, in one short line."""
+    global _latest
+    if _listening:
+        _latest = text
 
 
 @contextmanager
-def listening(listener: Callable[[str], None]) -> Iterator[None]:
-    """Send `update`'s lines to listener while the block runs (one step); nothing is sent after it."""
-    global _listener, _last_sent
-    _listener, _last_sent = listener, float("-inf")
+def listening(listener: Callable[[str], None], interval: float = SEND_INTERVAL_S) -> Iterator[None]:
+    """While the block runs (one step), pass update's latest line to listener, at most every interval seconds
+    and only when it changed; a listener that raises gets nothing more. Nothing is sent after the block."""
+    global _listening, _latest
+    stop = threading.Event()
+
+    def send() -> None:
+        sent = None
+        while not stop.wait(interval):
+            line = _latest
+            if line is not None and line != sent:
+                sent = line
+                try:
+                    listener(" ".join(str(line).split())[:200])  # one line, whatever the caller passed
+                except Exception:  # noqa: BLE001 - progress must never fail the step it describes
+                    return
+
+    _latest, _listening = None, True
+    sender = threading.Thread(target=send, name="kiln-progress", daemon=True)
+    sender.start()
     try:
         yield
     finally:
-        _listener = None
+        _listening, _latest = False, None
+        stop.set()
+        sender.join()
 
 
 def folder(logs: str | Path) -> Path:
@@ -73,20 +80,16 @@ def to_file(path: Path) -> Iterator[None]:
     """While the block runs, keep the latest line in path (replaced whole, so a reader never sees half a line);
     removed at the end. A folder that is not there (a worker on another node) turns progress off for the step."""
 
-    def write(text: str) -> None:
-        global _listener
+    def write(text: str) -> None:  # an OSError (no such folder here) ends sending for this step
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        except OSError:
-            _listener = None  # nobody can read it here: stop trying for this step
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
-    with listening(write):
-        try:
+    try:
+        with listening(write):
             yield
-        finally:
-            path.unlink(missing_ok=True)
+    finally:  # after the sender has stopped, so nothing writes the file again
+        path.unlink(missing_ok=True)
 
 
 def read(path: Path) -> str | None:
