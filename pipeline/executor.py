@@ -150,7 +150,8 @@ def _output_to(log: Path):
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # O_APPEND: a crash's traceback, appended by `execute` through a handle of its own, is never overwritten
+    target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
     saved = os.dup(1), os.dup(2)
     try:
         os.dup2(target, 1)
