@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import BadInput, KilnError, first_line
-from pipeline.settings import Settings, quiet_environment
+from pipeline.settings import Settings, quiet_environment, quiet_python_output, verbose as verbose_set
 
 
 def _console():
@@ -132,6 +134,80 @@ def with_executor(func):
     return func
 
 
+verbose_option = click.option(
+    "--verbose", "-v", is_flag=True, envvar="KILN_VERBOSE",
+    help="Let third-party output (TensorFlow, absl, oneDNN, warnings, MLflow notices) through to the console; "
+         "without it, a step's goes to its log in <artifacts>/logs/")
+
+
+def _verbosity(verbose: bool) -> None:
+    """--verbose reaches the worker processes through KILN_VERBOSE (pipeline/executor.py streams their output
+    then); without it, this process drops libraries' Python warnings and log records too."""
+    if verbose:
+        os.environ["KILN_VERBOSE"] = "1"
+    if not verbose_set():
+        quiet_python_output()
+
+
+class _StepLines:
+    """The console lines of a build's steps. On a terminal, running steps sit on live lines below the finished
+    ones, with their elapsed time and latest progress (refreshed once a second: cheap while steps are timed).
+    Elsewhere (CI logs, tests): a line when a step starts and when it ends, and in between its progress at
+    most every KILN_PROGRESS_INTERVAL seconds (15) per step, so a log is not flooded."""
+
+    def __init__(self, console):
+        self.console = console
+        self.every = float(os.environ.get("KILN_PROGRESS_INTERVAL") or 15)
+        self.started: dict[str, float] = {}
+        self.latest: dict[str, str] = {}
+        self.shown: dict[str, float] = {}  # when each step's last progress line was printed (not on a terminal)
+        self.live = None
+
+    def __enter__(self) -> "_StepLines":
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self, console=self.console, refresh_per_second=1, transient=True)
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def __rich__(self):
+        from rich.text import Text
+
+        now = time.monotonic()
+        return Text("\n".join(f"  … {step:<32} {now - at:5.0f}s  {self.latest.get(step, 'running')}"
+                               for step, at in self.started.items()), style="dim")
+
+    def __call__(self, kind: str, outcome) -> None:
+        from rich.markup import escape
+
+        step, now = outcome.step, time.monotonic()
+        if kind == "start":
+            self.started[step] = self.shown[step] = now
+            if self.live is None:
+                self.console.print(f"  [dim]…[/] {step:<32} running")
+        elif kind == "progress":
+            self.latest[step] = outcome.progress
+            started = self.started.setdefault(step, now)  # a step sharing another's key has no start of its own
+            if self.live is None and now - self.shown.setdefault(step, now) >= self.every:
+                self.shown[step] = now
+                self.console.print(f"  [dim]… {step:<32} {now - started:5.0f}s  {escape(outcome.progress)}[/]")
+        elif kind in ("done", "failed"):
+            for running in (self.started, self.latest, self.shown):
+                running.pop(step, None)
+            if kind == "done":
+                mark = "[green]✓[/]" if outcome.status == "ran" else "[dim]=[/]"
+                what = f"{outcome.seconds:6.2f}s" if outcome.status == "ran" else " cached"
+                self.console.print(f"  {mark} {step:<32} {what}  [dim]{outcome.key[:12]}[/]")
+            else:
+                why = outcome.summary.get("error")
+                self.console.print(f"  [red]✗[/] {step:<32} failed" + (f" [dim]({escape(why)})[/]" if why else ""))
+
+
 def _settings(artifacts, tracking_uri, executor="local", jobs=1, store_url=None) -> Settings:
     settings = Settings.from_env(artifacts, tracking_uri)
     return replace(settings, executor=executor, jobs=jobs, store_url=store_url or settings.store_url)
@@ -148,28 +224,19 @@ def main() -> None:
 @with_common
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout")
 @with_executor
+@verbose_option
 @_guard
-def run(recipes, artifacts, tracking_uri, as_json, jobs, executor, store_url) -> None:
+def run(recipes, artifacts, tracking_uri, as_json, jobs, executor, store_url, verbose) -> None:
     """Build RECIPES (files or folders): fetch, export, optimize, validate, gate, publish."""
     from pipeline.build import build
 
+    _verbosity(verbose)
     settings = _settings(artifacts, tracking_uri, executor, jobs, store_url)
     plans = _plans(recipes, settings)
     console = _console()
 
-    def on_event(kind, outcome):
-        if kind == "start":
-            console.print(f"  [dim]…[/] {outcome.step:<32} running", highlight=False)
-        elif kind == "done":
-            mark = "[green]✓[/]" if outcome.status == "ran" else "[dim]=[/]"
-            what = f"{outcome.seconds:6.2f}s" if outcome.status == "ran" else " cached"
-            console.print(f"  {mark} {outcome.step:<32} {what}  [dim]{outcome.key[:12]}[/]")
-        elif kind == "failed":
-            why = outcome.summary.get("error")
-            console.print(f"  [red]✗[/] {outcome.step:<32} failed" + (f" [dim]({why})[/]" if why else ""))
-
     # stdout carries only the --json summary: what libraries print meanwhile (Ray's notices) goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _StepLines(console) as on_event:
         summary = build(plans, settings, on_event=on_event, warn=lambda m: click.echo(m, err=True))
     _print_outcomes(console, summary)
     if as_json:
@@ -301,18 +368,23 @@ def report(bundle: Path, as_html: bool, open_it: bool) -> None:
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)")
 @with_executor
+@verbose_option
 @_guard
-def ci(recipes, artifacts, tracking_uri, model, model_version, junit, summary_path, jobs, executor, store_url) -> None:
+def ci(recipes, artifacts, tracking_uri, model, model_version, junit, summary_path, jobs, executor, store_url,
+       verbose) -> None:
     """CI mode: build the recipes a model version affects (or all); JUnit XML and Markdown; non-zero on failure."""
     from pipeline.build import build, plan_all
     from pipeline.ci import junit_xml, markdown
 
+    _verbosity(verbose)
     settings = _settings(artifacts, tracking_uri, executor, jobs, store_url)
     plans = plan_all(recipes, settings, model=model, version=model_version)
     if not plans:
         click.echo(f"kiln ci: no recipe follows {model or 'anything'}{' v' + model_version if model_version else ''}")
-    summary = build(plans, settings, warn=lambda m: click.echo(m, err=True))
-    _print_outcomes(_console(), summary)
+    console = _console()
+    with _StepLines(console) as on_event:
+        summary = build(plans, settings, on_event=on_event, warn=lambda m: click.echo(m, err=True))
+    _print_outcomes(console, summary)
     for path, text in ((junit, junit_xml(summary) if junit else None), (summary_path, markdown(summary))):
         if path and text:
             tmp = path.with_name(f".{path.name}.tmp")
@@ -327,11 +399,13 @@ def ci(recipes, artifacts, tracking_uri, model, model_version, junit, summary_pa
 @click.option("--interval", default=30.0, show_default=True, help="Seconds between registry polls")
 @click.option("--once", is_flag=True, help="Poll once, build what is new, and exit")
 @with_executor
+@verbose_option
 @_guard
-def watch(recipes, artifacts, tracking_uri, interval, once, jobs, executor, store_url) -> None:
+def watch(recipes, artifacts, tracking_uri, interval, once, jobs, executor, store_url, verbose) -> None:
     """Poll the registry; build each new version (or alias move) the RECIPES follow, once."""
     from pipeline.watch import watch as run_watch
 
+    _verbosity(verbose)
     settings = _settings(artifacts, tracking_uri, executor, jobs, store_url)
     run_watch(recipes, settings, interval, once, say=lambda m: click.echo(m, err=True))
 

@@ -8,6 +8,7 @@ the inputs by key into the local store at `store_root` and pushes the outputs (p
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import KilnError, StageCrashed, first_line
-from pipeline.settings import quiet_environment
-from pipeline import open_store
+from pipeline.settings import quiet_environment, verbose
+from pipeline import open_store, progress
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ def _inputs(task: Task, store) -> dict[str, Path]:
     return found
 
 
+def step_log(logs: str | Path, stage: str, key: str) -> Path:
+    """A step's log: what its local worker wrote to stdout/stderr while it ran (unless verbose), and the
+    traceback when it crashed."""
+    return Path(logs) / f"{stage}-{key[:12]}.log"
+
+
 def execute(task: Task, worker: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a step and commit its outputs; returns the committed entry's meta (`worker`: where it ran)."""
     quiet_environment()
@@ -72,15 +79,17 @@ def execute(task: Task, worker: dict[str, Any] | None = None) -> dict[str, Any]:
     folder = store.begin(task.key)
     started = time.perf_counter()
     try:
-        summary = registry.run(task.stage, task.config, inputs, folder / "out", task.context)
+        with progress.to_file(progress.progress_file(task.logs, task.key)):
+            summary = registry.run(task.stage, task.config, inputs, folder / "out", task.context)
     except KilnError:
         store.abandon(folder)
         raise
     except Exception as exc:
         store.abandon(folder)
-        log = Path(task.logs) / f"{task.stage}-{task.key[:12]}.log"
+        log = step_log(task.logs, task.stage, task.key)
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(traceback.format_exc())
+        with log.open("a") as handle:  # after what the step wrote to stderr, if that went here too
+            handle.write(traceback.format_exc())
         first = first_line(exc)
         raise StageCrashed(
             f"{task.step_id}: stage crashed with {type(exc).__name__}: {first} (traceback: {log})"
@@ -126,6 +135,50 @@ class InlineExecutor:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def _start_worker(parent: int) -> None:
+    """Worker initializer. The worker's stdout is its stderr from now on: a library that prints (C++ code
+    writing to fd 1) must not land in the runner's stdout, which carries `kiln run --json`'s summary."""
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    _die_with_parent(parent)
+
+
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """Point this process's fds 1 and 2 at log while the block runs, and back after. At the descriptor level,
+    not sys.stderr: TensorFlow's, absl's and oneDNN's C++ logging writes to fd 2 directly."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # O_APPEND: a crash's traceback, appended by `execute` through a handle of its own, is never overwritten
+    target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        quiet = os.fstat(target).st_size == 0
+        for fd in (target, *saved):
+            os.close(fd)
+        if quiet:  # most steps say nothing: no empty log for them
+            log.unlink(missing_ok=True)
+
+
+def _local_step(task: Task) -> dict[str, Any]:
+    """One step in a local worker process. What it writes to stdout and stderr (third-party chatter:
+    TensorFlow, absl, oneDNN, Python warnings) goes to its log, not the console; with --verbose
+    (KILN_VERBOSE) it streams to the console as it comes."""
+    if verbose():
+        return execute(task)
+    with _output_to(step_log(task.logs, task.stage, task.key)):
+        return execute(task)
+
+
 def _die_with_parent(parent: int) -> None:
     """Worker initializer: a worker must not outlive the runner that started it (a runner killed with SIGKILL
     cannot shut its pool down; its workers would finish their step and then wait forever, holding their memory).
@@ -162,11 +215,11 @@ class LocalProcessExecutor:
         if self._pool is None:
             # spawn, not fork: forking a process that already loaded torch/onnxruntime threads is unsafe.
             self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_die_with_parent, initargs=(os.getpid(),))
+                                             initializer=_start_worker, initargs=(os.getpid(),))
         return self._pool
 
     def submit(self, task: Task) -> Future:
-        return self._ensure().submit(execute, task)
+        return self._ensure().submit(_local_step, task)
 
     def shutdown(self) -> None:
         if self._pool is not None:

@@ -4,6 +4,9 @@ rest to the executor, stop a recipe at its first failed verdict, deliver bundles
 A step's summary may carry {"verdict": {"passed": bool, "reason": str}}; a failed verdict stops the recipe's
 dependent steps and makes the recipe's outcome `gate_failed`. A step with `deliver_to` (the bundle) has its
 output delivered there once built. The runner knows nothing else about stages.
+
+Events (on_event(kind, outcome)): start, done, failed, evicted, and progress: about once a second while a step
+runs, its latest pipeline.progress line in outcome.progress (read from the file its worker keeps).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from typing import Any, Callable
 
 from pipeline.deliver import BundleTaken, deliver
 from pipeline.errors import BadInput, GateFailed, KilnError, StageCrashed
-from pipeline.executor import Executor, Task
+from pipeline.executor import Executor, Task, step_log
 from pipeline.plan import RecipePlan, Step, plan_recipe, step_key, step_tools
 from pipeline.settings import Settings
-from pipeline import open_store
+from pipeline import open_store, progress
 from pipeline.store import Entry
 
 
@@ -33,6 +36,7 @@ class StepOutcome:
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
     evicted: str | None = None  # its cached entry's file that failed verification (the entry was rebuilt)
+    progress: str | None = None  # while it runs: the latest line its stage sent (pipeline/progress.py)
 
 
 @dataclass
@@ -82,6 +86,7 @@ def _lineage(entry: Entry) -> dict[str, Any]:
 
 
 Event = Callable[[str, StepOutcome], None]
+PROGRESS_POLL_S = 1.0  # how often the runner, waiting for its steps, reads their progress files
 
 
 class Runner:
@@ -129,6 +134,7 @@ class Runner:
     def run(self, plans: list[RecipePlan]) -> RunSummary:
         started = time.perf_counter()
         self.store.clean_stale()
+        progress.folder(self.settings.logs).mkdir(parents=True, exist_ok=True)
         state = _Run(self, plans)
         try:
             while state.pending or state.running:
@@ -172,7 +178,7 @@ class _Run:
     def finished(self, sid: str, entry: Entry, cached: bool) -> None:
         outcome = self.outcomes[sid]
         self.entries[sid] = entry
-        outcome.status = "cached" if cached else "ran"
+        outcome.status, outcome.progress = ("cached" if cached else "ran"), None
         outcome.summary = entry.meta.get("summary", {})
         outcome.seconds = 0.0 if cached else float(entry.meta.get("seconds", 0.0))
         self.runner.on_event("done", outcome)
@@ -212,7 +218,7 @@ class _Run:
         self.results[recipe].steps = [self.outcomes[s.id] for s in plan.steps]
 
     def failed(self, sid: str, error: str) -> None:
-        self.outcomes[sid].status = "failed"
+        self.outcomes[sid].status, self.outcomes[sid].progress = "failed", None
         self.outcomes[sid].summary = {"error": error}
         self.runner.on_event("failed", self.outcomes[sid])
 
@@ -256,20 +262,29 @@ class _Run:
             self.running[self.by_key[key]].append(step.id)
         else:
             self.runner.on_event("start", self.outcomes[step.id])
+            # a line left by a killed run of this key must not show as this run's
+            progress.progress_file(self.runner.settings.logs, key).unlink(missing_ok=True)
             future = self.runner.executor.submit(self.runner._task(step, key, inputs, missing))
             self.by_key[key] = future
             self.running[future] = [step.id]
 
     def collect(self) -> None:
-        """Wait for a running step; record what it built or why it failed."""
-        done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
+        """Wait for a running step; record what it built or why it failed. While waiting, report progress."""
+        done: set[Future] = set()
+        while not done:
+            done, _ = wait(list(self.running), timeout=PROGRESS_POLL_S, return_when=FIRST_COMPLETED)
+            if not done:
+                self.report_progress()
         for future in done:
             sids = self.running.pop(future)
             try:
                 meta = future.result()
             except BrokenProcessPool:
+                outcome = self.outcomes[sids[0]]
+                log = step_log(self.runner.settings.logs, outcome.stage, outcome.key or "")
                 error: KilnError = StageCrashed(
                     f"{sids[0]}: the worker process died (out of memory or a crash in a native library)"
+                    + (f"; its output: {log}" if log.is_file() else "")
                 )
             except KilnError as exc:
                 error = exc
@@ -282,6 +297,16 @@ class _Run:
             self.failed_keys[self.outcomes[sids[0]].key] = error
             for sid in sids:
                 self.fail(sid, error)
+
+    def report_progress(self) -> None:
+        """A "progress" event for each running step whose stage said what it is doing."""
+        for sids in self.running.values():
+            outcome = self.outcomes[sids[0]]
+            text = progress.read(progress.progress_file(self.runner.settings.logs, outcome.key or ""))
+            if text:
+                for sid in sids:
+                    self.outcomes[sid].progress = text
+                    self.runner.on_event("progress", self.outcomes[sid])
 
     def fail(self, sid: str, error: KilnError) -> None:
         """A step failed with error: an optional step leaves its reason for what reads it, any other stops its recipe."""

@@ -19,7 +19,11 @@ QUIET_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "HF_HUB_OFFLINE": "1",
+    # Fewer third-party log lines at their source (what is still written goes to the step's log, see
+    # pipeline/executor.py); TF_ENABLE_ONEDNN_OPTS is left alone: it changes TensorFlow's numbers, not its logs.
     "TF_CPP_MIN_LOG_LEVEL": "3",
+    "GRPC_VERBOSITY": "ERROR",
+    "GLOG_minloglevel": "2",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
@@ -27,6 +31,22 @@ QUIET_ENV = {
 def quiet_environment() -> None:
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
+
+
+def verbose() -> bool:
+    """`--verbose` (or KILN_VERBOSE=1): third-party output streams to the console instead of the steps' logs.
+    An environment variable, so the worker processes a run starts see it too."""
+    return os.environ.get("KILN_VERBOSE", "").lower() not in ("", "0", "false", "no")
+
+
+def quiet_python_output() -> None:
+    """Keep libraries' Python warnings and log records (MLflow's notices, alembic's migrations) off the console
+    of this process. kiln's own lines do not go through `warnings` or `logging`; errors still show."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
 
 
 @dataclass(frozen=True)

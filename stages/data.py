@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from pipeline import progress
 from pipeline.errors import DataError, ModelError, RecipeError
 from pipeline.schema import Seed, StageConfig, Strict, has_control
 from stages import artifacts, frameworks
@@ -241,6 +242,7 @@ def _download(data: Data, source: dict, out: Path, tracking_uri: str) -> Path:
         if root is not None and root.exists() and not _inside(root / data.path, root):
             raise DataError(f"{field} leads out of the artifacts of run {source['run_id']}")
         dst = out.parent / "download"
+        progress.update(f"downloading run artifact {data.path}")
         path = Path(mlflow.artifacts.download_artifacts(run_id=source["run_id"], artifact_path=data.path,
                                                         dst_path=str(dst), tracking_uri=tracking_uri))
     except DataError:

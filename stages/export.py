@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ConfigDict, Field, create_model
 
+from pipeline import progress
 from pipeline.errors import ModelError, RecipeError, first_line
 from pipeline.schema import StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
@@ -115,6 +116,7 @@ def _prove_dynamic_axes(framework, model, spec: ModelSpec, feeds: dict[str, np.n
     first = axis_sizes(spec, feeds)
     checked, observed = [], []
     for sizes in (first, _other_sizes(first)):
+        progress.update(f"checking the graph at axis sizes {sizes}")
         trial = resize_axes(spec, feeds, sizes)
         try:
             got = onnx_runtime.run(sess, trial)
@@ -155,6 +157,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
 
     source = artifacts.source(inputs["model"])
     flavor = source["flavor"]
+    progress.update(f"loading the {flavor} model")
     framework, model = frameworks.load_source(source, artifacts.model_dir(inputs["model"]), config.source_options,
                                               context.get("allow_pickle", False))
     spec = artifacts.spec(inputs["data"])
@@ -170,12 +173,14 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     hint = _fusion_hint(framework, model)
     if hint is not None:
         artifacts.write_fusion_hint(out, hint)
+    progress.update(f"converting to ONNX (opset {config.opset})")
     try:
         done = framework.export_onnx(model, spec, feeds, output_names, config.exporter, config.opset, path)
     except ModelError as exc:  # a model its exporter cannot convert: the one line names which model
         raise ModelError(f"{source['uri']}: {exc}") from None
 
     external = artifacts.settle_onnx(path)  # one data file beside model.onnx when the model is that large
+    progress.update("checking the exported graph (onnx.checker, shape inference)")
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ModelError, SourceError
+from pipeline import progress
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.schema import StageConfig, Strict
 from stages import artifacts, frameworks, untrusted
@@ -97,6 +98,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     tracking_uri = context["tracking_uri"]
     name, version = source.name, source.version
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    progress.update(f"downloading models:/{name}/{version}")
     try:
         download_uri = client.get_model_version_download_uri(name, version)
         downloaded = Path(

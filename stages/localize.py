@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import progress
 from stages import artifacts
 
 RELATIVE_TOLERANCE = 1e-3  # max |a - b| / max |reference| above this is a divergence
@@ -129,9 +130,11 @@ def localize(framework, model, spec, feeds: dict[str, np.ndarray], onnx_path: Pa
     """Layer-by-layer comparison of the original model and an ONNX graph on the same inputs."""
     if not hasattr(framework, "layer_outputs"):
         return {"available": False, "reason": "this framework does not expose layer outputs"}
+    progress.update("localize: capturing the original model's layer outputs")
     layer_outputs = framework.layer_outputs(model, spec, feeds)
     if not layer_outputs:
         return {"available": False, "reason": "the model exposes no layer outputs (e.g. a SavedModel signature)"}
+    progress.update(f"localize: running the ONNX graph with all {len(layer_outputs)} layer outputs exposed")
     graph = artifacts.load_graph(onnx_path)
     layers = match_layers(graph, layer_outputs, onnx_tensors(onnx_path, feeds))
     first = first_divergent(layers, tolerance)
@@ -148,6 +151,7 @@ def localize(framework, model, spec, feeds: dict[str, np.ndarray], onnx_path: Pa
 def compare_onnx(reference_path: Path, candidate_path: Path, feeds: dict[str, np.ndarray],
                  tolerance: float = RELATIVE_TOLERANCE) -> dict:
     """Tensor-by-tensor comparison of two ONNX graphs that share tensor names (e.g. FP32 vs a variant)."""
+    progress.update("localize: running both graphs with every tensor exposed")
     reference_model = artifacts.load_graph(reference_path)
     reference = onnx_tensors(reference_path, feeds)
     candidate = onnx_tensors(candidate_path, feeds)

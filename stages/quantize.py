@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import Field
 
+from pipeline import progress
 from pipeline.errors import ModelError, first_line
 from pipeline.schema import Seed, Slug, StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
@@ -230,6 +231,8 @@ def _fallback(fallback: Fallback, quantizable: list[str], build, judge, rank, fo
         chosen = ranked[: min(fallback.nodes_per_round, room)]
         tried.update(r["node"] for r in chosen)
         trial = excluded + [r["node"] for r in chosen]
+        progress.update(f"fallback round {len(rounds) + 1} of at most {fallback.max_rounds}: "
+                        f"{len(trial)} node(s) kept in float")
         build(trial)
         trial_found, trial_measured = judge()
         helped = _score(trial_found, trial_measured) > _score(found, measured)
@@ -266,6 +269,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         onnx_runtime.optimize_offline(raw, target, config.level)
 
     try:
+        progress.update(f"quantizing ({kind})")
         build([])
         found, first = _judge(target, feeds, reference, labels, gates)
         excluded, found, rounds, stopped = _fallback(
