@@ -161,7 +161,7 @@ def impossible_gate(cnn_bundle, registry, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_failed_gate_leaves_a_report(impossible_gate, tmp_path):
+def test_failed_gate_leaves_a_report(impossible_gate, registry, tmp_path):
     recipe, artifacts, result, summary = impossible_gate
     assert result.returncode == 1, result.stderr
     (outcome,) = summary["recipes"]
