@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable
 
@@ -149,6 +149,9 @@ def replace_folder(dest: Path, fill: Callable[[Path], bool]) -> bool:
     try:
         tmp.mkdir()
         if not fill(tmp):
+            shutil.rmtree(tmp)
+            with suppress(OSError):  # nothing to report: leave no empty folder (one in use is not empty)
+                dest.parent.rmdir()
             return False
         with _locked(dest.parent):  # two failures of one recipe at once: one replaces the other, whole
             if dest.exists():

@@ -221,6 +221,8 @@ def test_replace_folder_keeps_a_whole_report(tmp_path):
     assert not replace_folder(dest, lambda out: False)
     assert (dest / "report.md").read_text() == (dest / "plots" / "latency.png").read_text() == "second"
     assert sorted(p.name for p in dest.parent.iterdir()) == [".deliver.lock", "v1"]
+    nothing = tmp_path / "failed" / "bad-input" / "v1"  # failed before anything was measured: no folder at all
+    assert not replace_folder(nothing, lambda out: False) and not nothing.parent.exists()
 
 
 def test_dynamo_export_output_named_like_an_internal_tensor(tmp_path):
