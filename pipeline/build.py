@@ -1,12 +1,13 @@
-"""One build of a set of recipes: plan them against their registries, run them, record failures in the registry
-when write-back is on. `kiln run`, `kiln ci`, `kiln watch` and the webhook receiver all build through here."""
+"""One build of a set of recipes: plan them against their registries, run them, write each failed recipe's report
+under <artifacts>/failed/ and record the failure in the registry when write-back is on. `kiln run`, `kiln ci`,
+`kiln watch` and the webhook receiver all build through here."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import BadInput, KilnError, RecipeError
+from pipeline.errors import BadInput, RecipeError
 from pipeline.executor import Executor, InlineExecutor, LocalProcessExecutor
 from pipeline.plan import RecipePlan, plan_recipe
 from pipeline.runner import Runner, RunSummary
@@ -54,6 +55,7 @@ def plan_all(paths, settings: Settings, model: str | None = None, version: str |
 
 def build(plans: list[RecipePlan], settings: Settings, executor: str | None = None, jobs: int | None = None,
           on_event: Callable | None = None, warn: Callable[[str], None] = print) -> RunSummary:
+    from pipeline.reports import write_failed_report
     from pipeline.writeback import record_failure
 
     # Unless given here, where steps run comes from the settings (so `watch` and `ci` builds use it too).
@@ -70,13 +72,21 @@ def build(plans: list[RecipePlan], settings: Settings, executor: str | None = No
     summary = runner.run(plans)
     by_name = {p.name: p for p in plans}
     for outcome in summary.recipes:
-        if outcome.status != "passed":
-            try:
-                run_id = record_failure(by_name[outcome.recipe], outcome, runner.store)
-                if run_id:
-                    outcome.reason = f"{outcome.reason} (recorded on run {run_id})"
-            except (KilnError, OSError, Exception) as exc:  # noqa: BLE001 - the build result stands either way
-                warn(f"kiln: {outcome.recipe}: could not record the failure in the registry: {exc}")
+        if outcome.status == "passed":
+            continue
+        plan = by_name[outcome.recipe]
+        # The report first: its headline is the failure's own reason, without the registry's run id.
+        try:
+            report = write_failed_report(plan, outcome, runner.store, settings)
+            outcome.report = str(report) if report else None
+        except Exception as exc:  # noqa: BLE001 - the build result stands either way
+            warn(f"kiln: {outcome.recipe}: could not write the failed build's report: {exc}")
+        try:
+            run_id = record_failure(plan, outcome, runner.store)
+            if run_id:
+                outcome.reason = f"{outcome.reason} (recorded on run {run_id})"
+        except Exception as exc:  # noqa: BLE001 - the build result stands either way
+            warn(f"kiln: {outcome.recipe}: could not record the failure in the registry: {exc}")
     return summary
 
 

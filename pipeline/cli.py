@@ -107,8 +107,10 @@ def _quiet_broken_pipe() -> None:
     sys.exit(141)
 
 
+artifacts_option = click.option("--artifacts", envvar="KILN_ARTIFACTS",
+                                help="Store, bundles and default registry [artifacts/]")
 common = [
-    click.option("--artifacts", envvar="KILN_ARTIFACTS", help="Store, bundles and default registry [artifacts/]"),
+    artifacts_option,
     click.option("--tracking-uri", help="MLflow tracking URI; overrides the recipe and MLFLOW_TRACKING_URI"),
 ]
 
@@ -251,7 +253,8 @@ def _print_outcomes(console, summary) -> None:
                      "are immutable)"}.get(result.delivery, "up to date")
             console.print(f"[green]{result.recipe}[/]: passed, {state}: {result.bundle}/  (report.md, manifest.json)")
         else:
-            click.echo(f"kiln: {result.recipe}: {result.status.replace('_', ' ')}: {result.reason}", err=True)
+            where = f" (report: {result.report})" if result.report else ""  # still one line: the report says more
+            click.echo(f"kiln: {result.recipe}: {result.status.replace('_', ' ')}: {result.reason}{where}", err=True)
     ran = sum(1 for r in summary.recipes for s in r.steps if s.status == "ran")
     console.print(f"[dim]{ran} step(s) ran, {summary.seconds:.2f}s[/]")
 
@@ -340,15 +343,23 @@ def schema() -> None:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle", metavar="BUNDLE|RECIPE")
+@click.option("--last", is_flag=True,
+              help="BUNDLE is a recipe (name or file): show its newest report, of a published bundle or a failed build")
 @click.option("--html", "as_html", is_flag=True, help="Print the path of report.html instead of report.md")
 @click.option("--open", "open_it", is_flag=True, help="Open report.html in the default browser")
+@artifacts_option
 @_guard
-def report(bundle: Path, as_html: bool, open_it: bool) -> None:
-    """Print (or open) the report of a published BUNDLE."""
-    md, page = bundle / "report.md", bundle / "report.html"
+def report(bundle: str, last: bool, as_html: bool, open_it: bool, artifacts: str | None) -> None:
+    """Print (or open) the report of a published BUNDLE (or a failed build's folder under artifacts/failed/);
+    with --last, the newest report of the recipe BUNDLE names."""
+    from pipeline.reports import newest_report
+
+    folder = newest_report(bundle, Settings.from_env(artifacts)).parent if last else Path(bundle)
+    md, page = folder / "report.md", folder / "report.html"
     if not md.is_file():
-        raise BadInput(f"{bundle}: no report.md here; is this a kiln bundle (artifacts/bundles/<recipe>/v<N>)?")
+        raise BadInput(f"{bundle}: no report.md here; is this a kiln bundle (artifacts/bundles/<recipe>/v<N>)? "
+                       "For a recipe's newest report: kiln report RECIPE --last")
     if open_it:
         import webbrowser
 

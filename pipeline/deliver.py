@@ -12,6 +12,9 @@ a build of another recipe (its digest, manifest `recipe.sha256`, differs) gets `
 folder is chosen when the recipe is planned, because serving configs hold the bundle's absolute path; a build
 that finds its folder taken by another recipe at delivery (both planned before either published) is planned
 again by the runner (BundleTaken).
+
+A failed build's report is not immutable: the newest failure of a recipe and version replaces the older one
+(`replace_folder`), by the same hidden-temp-then-rename, with the old folder renamed aside first.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Callable
 
 from pipeline.errors import KilnError
 from pipeline.hashing import sha256_file
@@ -132,3 +136,28 @@ def deliver(src: Path, dest: Path) -> str:
             return status
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(dest: Path, fill: Callable[[Path], bool]) -> bool:
+    """Write a folder with fill(tmp) beside dest, then put it at dest in place of what is there. A reader sees
+    the old folder or the new one, each whole (or, between the two renames, none): never a half-written one.
+    Returns False, leaving dest as it was, when fill returns False (it had nothing to write)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(dest)
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"  # the pid lets _clean_leftovers tell a live writer's folder
+    tmp, aside = dest.parent / f".{dest.name}.tmp.{tag}", dest.parent / f".{dest.name}.old.{tag}"
+    try:
+        tmp.mkdir()
+        if not fill(tmp):
+            shutil.rmtree(tmp)
+            with suppress(OSError):  # nothing to report: leave no empty folder (one in use is not empty)
+                dest.parent.rmdir()
+            return False
+        with _locked(dest.parent):  # two failures of one recipe at once: one replaces the other, whole
+            if dest.exists():
+                os.rename(dest, aside)  # a folder cannot be renamed over a non-empty one
+            os.rename(tmp, dest)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)

@@ -12,6 +12,8 @@ A stage module declares (see stages/__init__.py):
     plan(graph)              optional: add this stage's steps for a recipe
     plan_candidate(graph, c) optional: add steps for every candidate model (validate, gate)
     keyed(config, inputs)    optional: what the key hashes instead of the whole config
+    report_failure(config, inputs, out, context)  optional, on the stage that delivers the bundle: the report of
+                             a recipe that failed, from the outputs of the steps that finished
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def run(name: str, config: dict[str, Any], inputs: dict, out, context: dict) -> 
     """Run one step on a worker: the config arrives as plain data and is validated into the stage's Config again."""
     module = stage(name)
     return module.run(module.Config.model_validate(config), inputs, out, context)
+
+
+def report_failure(name: str, config: BaseModel, inputs: dict, out, context: dict) -> bool:
+    """Ask the stage that would have delivered a failed recipe's bundle to write its report into `out` from the
+    outputs of the steps that finished; False when it has nothing to report (or writes no such report)."""
+    module = stage(name)
+    return hasattr(module, "report_failure") and module.report_failure(config, inputs, out, context)
 
 
 # --- the recipe's sections that stages and targets define ----------------------------------------------------------

@@ -50,6 +50,7 @@ class RecipeOutcome:
     bundle: str | None = None
     delivered: bool = False  # published by this run (False: the bundle was there already)
     delivery: str | None = None  # published | identical | kept (another build of this recipe is there: immutable)
+    report: str | None = None  # a recipe that did not pass: its report (report.md) under <artifacts>/failed/
     steps: list[StepOutcome] = field(default_factory=list)
 
     @property
@@ -79,7 +80,7 @@ class RunSummary:
         return {"exit_code": self.exit_code, "seconds": round(self.seconds, 3), **asdict(self)}
 
 
-def _lineage(entry: Entry) -> dict[str, Any]:
+def lineage(entry: Entry) -> dict[str, Any]:
     """What a downstream step may know about an input's making (publish writes it into the manifest)."""
     meta = entry.meta
     return {k: meta.get(k) for k in ("stage", "key", "config", "tools", "seconds", "summary", "output_hash")}
@@ -104,7 +105,7 @@ class Runner:
             config=step.config.model_dump(mode="json"),
             inputs={name: str(entry.out) for name, entry in inputs.items()},
             input_hashes={name: entry.output_hash for name, entry in inputs.items()},
-            context={**step.context, "upstream": {name: _lineage(e) for name, e in inputs.items()},
+            context={**step.context, "upstream": {name: lineage(e) for name, e in inputs.items()},
                      **({"missing": missing} if missing else {})},
             tools=step_tools(step, inputs),
             store_root=str(self.store.root),

@@ -74,6 +74,11 @@ class Settings:
         return self.artifacts / "bundles"
 
     @property
+    def failed(self) -> Path:
+        """Reports of builds that did not pass (nothing is published for them): failed/<recipe>/v<version>/."""
+        return self.artifacts / "failed"
+
+    @property
     def logs(self) -> Path:
         return self.artifacts / "logs"
 

@@ -12,6 +12,8 @@ and, to take part in planning, one or both hooks:
     plan(graph)                      add this stage's steps for a recipe (graph.add, graph.add_candidate)
     plan_candidate(graph, candidate) add steps for every model the recipe may publish (validate, gate)
     keyed(config, inputs) -> dict    optional: what the key hashes, when not the whole config
+    report_failure(config, inputs, out, context) -> bool   optional, on the stage whose step delivers the bundle
+                                     (publish): write a failed build's report from the inputs that exist
 
 `config` is keyed (it enters the cache key); `context` is not (e.g. where the registry lives). Stage modules
 import heavy frameworks inside functions, so loading one to read its declarations is cheap. Planning calls the

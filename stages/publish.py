@@ -1,7 +1,10 @@
 """publish: assemble the hand-off bundle: the optimized ONNX model, the ORT session config that validate
 measured with, sample inputs/outputs, each serving target's files under serving/<target>/, README.md (how to
 serve it), manifest.json (lineage, hashes, tool versions, metrics, verdicts), report.md with plots/ and a
-self-contained report.html. The runner delivers the bundle to its destination atomically."""
+self-contained report.html. The runner delivers the bundle to its destination atomically.
+
+A build that fails has no bundle, but its report still matters most then: `report_failure` writes the same
+report from whatever was measured before the failure, which the engine places under artifacts/failed/."""
 
 from __future__ import annotations
 
@@ -51,29 +54,62 @@ def _session_config(spec: ModelSpec, settings: dict, onnx_outputs: list[str], mo
     }
 
 
-def _tuned_targets(inputs: dict[str, Path], out: Path, spec: ModelSpec, onnx_outputs: list[str]) -> dict:
-    """Each tuned target's winner and its settings under targets/<target>/; the tuning records for the report."""
-    records = {}
-    for key in sorted(k for k in inputs if k.startswith("tune.")):
-        target = key.split(".", 1)[1]
-        record = artifacts.tune_record(inputs[key])
-        records[target] = record
+def _tuning_records(inputs: dict[str, Path]) -> dict[str, dict]:
+    """Each tuned target's record (every candidate measured, the winner, or why it was skipped), for the report."""
+    return {key.split(".", 1)[1]: artifacts.tune_record(inputs[key])
+            for key in sorted(k for k in inputs if k.startswith("tune."))}
+
+
+def _tuned_targets(inputs: dict[str, Path], out: Path, spec: ModelSpec, onnx_outputs: list[str]) -> None:
+    """Each tuned target's winner and the settings it won with, under targets/<target>/."""
+    for target, record in _tuning_records(inputs).items():
         if record.get("skipped"):
             continue
         folder = out / "targets" / target
         folder.mkdir(parents=True)
-        artifacts.copy_onnx(artifacts.onnx_model(inputs[key]), folder / "model.onnx")
-        settings = artifacts.session_config(inputs[key])
+        artifacts.copy_onnx(artifacts.onnx_model(inputs[f"tune.{target}"]), folder / "model.onnx")
+        settings = artifacts.session_config(inputs[f"tune.{target}"])
         (folder / "session_config.json").write_text(json.dumps(_session_config(spec, settings, onnx_outputs), indent=2))
-    return records
+
+
+def build_manifest(config: Config, inputs: dict[str, Path], context: dict, model: dict | None = None) -> dict:
+    """What the build measured and decided, from the step outputs in `inputs`: lineage, metrics, variants, tuning,
+    serving, verdicts. The bundle has them all; a failed build's report has those of the steps that finished
+    before the failure (it needs at least the source, the data and the selected candidate's metrics), and what
+    is absent is simply left out. `model` describes the bundle's model file (a failed build has none)."""
+    upstream = context["upstream"]
+    source = artifacts.source(inputs["model"])
+    spec = artifacts.spec(inputs["data"])
+    # no verdicts: the build stopped before the selected candidate was judged (a step it needs failed)
+    verdicts = artifacts.verdicts(inputs["verdicts"]) if "verdicts" in inputs else {"passed": False, "verdicts": []}
+    serving = _serving(inputs, upstream)
+    order = ["model", "data", "export", "onnx", "metrics", "verdicts", *(f"serving.{t}" for t in serving)]
+    steps = [upstream[name] for name in order if name in upstream]
+    return {
+        "kiln_version": __version__,
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {"name": config.recipe["name"], "sha256": config.recipe_sha256, "spec": config.recipe},
+        "source": {**{k: source[k] for k in ("uri", "name", "version", "run_id", "flavor", "framework_version")},
+                   "requested_uri": context["source_uri"]},
+        **({"model": model} if model is not None else {}),
+        "steps": [
+            {k: step.get(k) for k in ("stage", "key", "config", "tools", "seconds", "summary", "output_hash")}
+            for step in steps
+        ],
+        "tools": _tools(steps),
+        "environment": environment(),
+        "serving": {t: {k: v for k, v in summary.items() if k != "readme"} for t, summary in serving.items()},
+        "variants": _variants(inputs, config.recipe.get("select", "fp32")),
+        "tuning": _tuning_records(inputs),
+        "metrics": artifacts.metrics(inputs["metrics"]),
+        "gates": verdicts,
+    }
 
 
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
     source = artifacts.source(inputs["model"])
     spec = artifacts.spec(inputs["data"])
     metrics = artifacts.metrics(inputs["metrics"])
-    verdicts = artifacts.verdicts(inputs["verdicts"])
-    upstream = context["upstream"]
 
     artifacts.copy_onnx(artifacts.onnx_model(inputs["onnx"]), out / "model.onnx")
     feeds = artifacts.inputs(inputs["data"])
@@ -83,39 +119,41 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         save_arrays(out / "sample_outputs.npz", {k: v[:SAMPLES] for k, v in candidate.items()})
     (out / "session_config.json").write_text(
         json.dumps(_session_config(spec, metrics["session"], list(candidate)), indent=2))
-    tuning = _tuned_targets(inputs, out, spec, list(candidate))
-    serving = _serving(inputs, out, upstream)
+    _tuned_targets(inputs, out, spec, list(candidate))
+    serving = _serving(inputs, context["upstream"])
+    for target, summary in serving.items():
+        if not summary.get("skipped"):
+            shutil.copytree(inputs[f"serving.{target}"], out / "serving" / target)
     (out / "README.md").write_text(_readme(config.recipe["name"], source, spec, serving))
 
-    variants = _variants(inputs, config.recipe.get("select", "fp32"))
-    order = ["model", "data", "export", "onnx", "metrics", "verdicts", *(f"serving.{t}" for t in serving)]
-    steps = [upstream[name] for name in order if name in upstream]
-    manifest = {
-        "kiln_version": __version__,
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "recipe": {"name": config.recipe["name"], "sha256": config.recipe_sha256, "spec": config.recipe},
-        "source": {**{k: source[k] for k in ("uri", "name", "version", "run_id", "flavor", "framework_version")},
-                   "requested_uri": context["source_uri"]},
-        "model": {
-            "file": "model.onnx",
-            # its initializers, when the model is too large for one protobuf (hashed in `files` like the rest)
-            "data_file": artifacts.data_file_name(out / "model.onnx"),
-            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in spec.inputs],
-            "outputs": list(candidate),
-        },
-        "steps": [
-            {k: step.get(k) for k in ("stage", "key", "config", "tools", "seconds", "summary", "output_hash")}
-            for step in steps
-        ],
-        "tools": _tools(steps),
-        "environment": environment(),
-        "serving": {t: {k: v for k, v in summary.items() if k != "readme"} for t, summary in serving.items()},
-        "variants": variants,
-        "tuning": tuning,
-        "metrics": metrics,
-        "gates": verdicts,
-    }
-    images = _plots(metrics, source, artifacts.reference(inputs["metrics"]), candidate)
+    manifest = build_manifest(config, inputs, context, model={
+        "file": "model.onnx",
+        # its initializers, when the model is too large for one protobuf (hashed in `files` like the rest)
+        "data_file": artifacts.data_file_name(out / "model.onnx"),
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": t.shape} for t in spec.inputs],
+        "outputs": list(candidate),
+    })
+    _write_reports(out, manifest, inputs)
+    return {"files": len(manifest["files"]) + 3, "passed": manifest["gates"]["passed"]}
+
+
+def report_failure(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> bool:
+    """The report of a build that did not pass, from the outputs of the steps that finished (the engine calls it
+    with what this stage would have read): report.md, report.html, plots/ and manifest.json in `out`, with
+    context["failure"] ({status, reason}) as its headline. False when nothing was measured yet (the build
+    failed before the selected candidate was validated): there is nothing to report."""
+    if not {"model", "data", "metrics"} <= inputs.keys():
+        return False
+    manifest = {**build_manifest(config, inputs, context), "failure": context["failure"]}
+    _write_reports(out, manifest, inputs)
+    return True
+
+
+def _write_reports(out: Path, manifest: dict, inputs: dict[str, Path]) -> None:
+    """plots/, report.md, report.html and manifest.json (whose file table lists what `out` held before them)."""
+    metrics = manifest["metrics"]
+    images = _plots(metrics, artifacts.source(inputs["model"]), artifacts.reference(inputs["metrics"]),
+                    artifacts.candidate(inputs["metrics"]))
     (out / "plots").mkdir(exist_ok=True)
     for name, png in images.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
@@ -123,19 +161,12 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     for name, text in report.render(manifest, images).items():
         (out / name).write_text(text)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
-    return {"files": len(manifest["files"]) + 3, "passed": verdicts["passed"]}
 
 
-def _serving(inputs: dict[str, Path], out: Path, upstream: dict) -> dict[str, dict]:
-    """Each serving target's summary; the files of each target that was not skipped, under serving/<target>/."""
-    serving = {}
-    for name in sorted(n for n in inputs if n.startswith("serving.")):
-        target = name.split(".", 1)[1]
-        summary = upstream[name].get("summary") or {}
-        serving[target] = summary
-        if not summary.get("skipped"):
-            shutil.copytree(inputs[name], out / "serving" / target)
-    return serving
+def _serving(inputs: dict[str, Path], upstream: dict) -> dict[str, dict]:
+    """Each serving target's summary (its files are in inputs[f"serving.{target}"] unless it was skipped)."""
+    return {name.split(".", 1)[1]: upstream[name].get("summary") or {}
+            for name in sorted(n for n in inputs if n.startswith("serving."))}
 
 
 def _tools(steps: list[dict]) -> dict[str, str | None]:
@@ -151,6 +182,8 @@ def _variants(inputs: dict[str, Path], selected: str) -> list[dict]:
     rows = []
     names = sorted({k.split(".")[1] for k in inputs if k.startswith("variant.")}, key=lambda n: (n != "fp32", n))
     for name in names:
+        if not all(f"variant.{name}.{part}" in inputs for part in ("onnx", "metrics", "verdicts")):
+            continue  # a failed build stopped before this variant was measured and judged
         metrics = artifacts.metrics(inputs[f"variant.{name}.metrics"])
         verdicts = artifacts.verdicts(inputs[f"variant.{name}.verdicts"])
         folder = inputs[f"variant.{name}.onnx"]

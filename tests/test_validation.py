@@ -1,5 +1,5 @@
 """Validation that can be trusted: per-layer localization across the framework boundary, NaN gates, the
-HTML report rendered by a real browser."""
+HTML report rendered by a real browser, and the report of a build that failed its gate."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RECIPES, kiln, run_fixture_script, run_json
+from conftest import RECIPES, derive_recipe, kiln, run_fixture_script, run_json
+from pipeline.deliver import replace_folder
 from stages import localize
 from stages.frameworks import pytorch as torch_framework
 from stages.tensors import ModelSpec, TensorSpec
@@ -120,13 +121,14 @@ def test_metrics_cover_shapes_layers_and_adaptive_latency(cnn_bundle):
     assert printed.returncode == 0 and "## Per-layer comparison" in printed.stdout
 
 
-@pytest.mark.slow
-def test_html_report_renders_in_chromium(cnn_bundle, tmp_path):
+def _render_in_chromium(report: Path, tmp_path: Path) -> str:
+    """Render report.html in headless Chromium: a screenshot that is not blank, and the DOM (returned) with every
+    plot embedded."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None and os.environ.get("CI") != "true":
         pytest.skip("chromium not installed (make test installs it)")
     assert chromium, "make test installs chromium; it is missing"
-    page = (cnn_bundle / "report.html").resolve().as_uri()
+    page = report.resolve().as_uri()
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
     shot = tmp_path / "report.png"
@@ -142,6 +144,88 @@ def test_html_report_renders_in_chromium(cnn_bundle, tmp_path):
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.shape[0] >= 2000
     assert (image < 200).mean() > 0.02  # text, tables and plots, not a blank page
+    return dom
+
+
+@pytest.mark.slow
+def test_html_report_renders_in_chromium(cnn_bundle, tmp_path):
+    _render_in_chromium(cnn_bundle / "report.html", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def impossible_gate(cnn_bundle, registry, tmp_path_factory):
+    """digits-cnn under another name with a speedup no model reaches, built beside cnn_bundle (whose steps it
+    finds cached up to its gate): the real `kiln run`, exit 1."""
+    artifacts = cnn_bundle.parents[2]
+    recipe = derive_recipe(tmp_path_factory.mktemp("impossible") / "impossible.yaml", RECIPES / "digits-cnn.yaml",
+                           {"name": "digits-impossible", "gates": {"latency": {"min_speedup": 1000}}})
+    result, summary = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    return recipe, artifacts, result, summary
+
+
+@pytest.mark.slow
+def test_failed_gate_leaves_a_report(impossible_gate, registry, tmp_path):
+    recipe, artifacts, result, summary = impossible_gate
+    assert result.returncode == 1, result.stderr
+    (outcome,) = summary["recipes"]
+    report = Path(outcome["report"])
+    version = json.loads((report.parent / "manifest.json").read_text())["source"]["version"]
+    assert report == artifacts / "failed" / "digits-impossible" / f"v{version}" / "report.md"
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("kiln:")]
+    assert line == f"kiln: digits-impossible: gate failed: {outcome['reason']} (report: {report})"
+    assert "below min_speedup 1000" in outcome["reason"]
+    assert not (artifacts / "bundles" / "digits-impossible").exists()  # nothing published
+
+    text = report.read_text()
+    title = text.splitlines()[0]
+    assert title.startswith("# digits-impossible") and "FAILED (gate failed)" in title and outcome["reason"] in title
+    assert "## Parity (candidate vs original" in text and "## Per-layer comparison" in text
+    assert "**FAIL**: batch 1: speedup" in text  # the failing verdict in the gates table
+    assert "## Serving targets" not in text  # serving never ran: absent, not empty
+    assert sorted(p.name for p in report.parent.iterdir()) == ["manifest.json", "plots", "report.html", "report.md"]
+
+    dom = _render_in_chromium(report.parent / "report.html", tmp_path)
+    assert "FAILED (gate failed)" in dom and "below min_speedup 1000" in dom and 'class="banner fail"' in dom
+
+    for name in (str(recipe), "digits-impossible"):  # the newest report of the recipe, by file or by name
+        shown = kiln("report", name, "--last", "--artifacts", str(artifacts))
+        assert shown.returncode == 0 and shown.stdout == text + "\n", shown.stderr
+    page = kiln("report", "digits-impossible", "--last", "--html", "--artifacts", str(artifacts))
+    assert page.stdout.strip() == str((report.parent / "report.html").resolve())
+    unknown = kiln("report", "no-such-recipe", "--last", "--artifacts", str(artifacts))
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+
+    # The same failure again (every step cached): its report replaces the older one, one whole folder.
+    again, _ = run_json(str(recipe), "--tracking-uri", registry, "--artifacts", str(artifacts))
+    assert again.returncode == 1 and report.is_file()
+    assert [p.name for p in report.parents[1].iterdir() if p.name != ".deliver.lock"] == [f"v{version}"]
+
+
+def test_replace_folder_keeps_a_whole_report(tmp_path):
+    """A newer failed build's report replaces the older one whole; a write that fails or has nothing to say leaves
+    the older one as it was; nothing half-written or hidden is left behind."""
+    dest = tmp_path / "failed" / "recipe" / "v1"
+
+    def writes(text: str):
+        def fill(out: Path) -> bool:
+            (out / "plots").mkdir()
+            (out / "plots" / "latency.png").write_text(text)
+            (out / "report.md").write_text(text)
+            return True
+        return fill
+
+    def dies(out: Path) -> bool:
+        (out / "report.md").write_text("half")
+        raise OSError("disk full")
+
+    assert replace_folder(dest, writes("first")) and replace_folder(dest, writes("second"))
+    with pytest.raises(OSError):
+        replace_folder(dest, dies)
+    assert not replace_folder(dest, lambda out: False)
+    assert (dest / "report.md").read_text() == (dest / "plots" / "latency.png").read_text() == "second"
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".deliver.lock", "v1"]
+    nothing = tmp_path / "failed" / "bad-input" / "v1"  # failed before anything was measured: no folder at all
+    assert not replace_folder(nothing, lambda out: False) and not nothing.parent.exists()
 
 
 def test_dynamo_export_output_named_like_an_internal_tensor(tmp_path):

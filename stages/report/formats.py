@@ -19,8 +19,12 @@ def _num(value, digits: int = 4) -> str:
 
 def _title(manifest: dict) -> tuple[str, bool]:
     source = manifest["source"]
-    passed = manifest["gates"]["passed"]
-    return f"{manifest['recipe']['name']} — {source['name']} v{source['version']}: {'PASSED' if passed else 'FAILED'}", passed
+    failure = manifest.get("failure")  # a failed build's report: its title says why, before anything else
+    passed = manifest["gates"]["passed"] and failure is None
+    verdict = "PASSED" if passed else "FAILED"
+    if failure is not None:
+        verdict += f" ({failure['status'].replace('_', ' ')}): {failure['reason']}"
+    return f"{manifest['recipe']['name']} — {source['name']} v{source['version']}: {verdict}", passed
 
 
 def render_report(manifest: dict, plots: dict[str, str] | None = None) -> str:
@@ -61,13 +65,19 @@ def _inline(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
 
 
+def _banner(manifest: dict, passed: bool) -> str:
+    if passed:
+        return "All gates passed"
+    return "A gate failed" if "failure" not in manifest else "The build failed: nothing was published"
+
+
 def render_html(manifest: dict, plots: dict[str, bytes]) -> str:
     """One self-contained file: plots are embedded as data URIs."""
     title, passed = _title(manifest)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
-             f"<div class='banner {'pass' if passed else 'fail'}' id='verdict'>{'All gates passed' if passed else 'A gate failed'}</div>"]
+             f"<div class='banner {'pass' if passed else 'fail'}' id='verdict'>{_banner(manifest, passed)}</div>"]
     for section in sections(manifest):
         plot = plots.get(section.get("plot") or "")
         if section.get("plot") and not plot and not section.get("rows") and not section.get("text"):

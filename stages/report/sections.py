@@ -14,13 +14,14 @@ def sections(manifest: dict) -> list[dict]:
     framework = metrics.get("framework") or manifest["source"].get("flavor")
     return [
         _source(manifest, framework),
+        *_failure(manifest.get("failure")),
         _parity(metrics),
         *_shape_sweep(metrics),
         *_task(metrics),
         *_task_parity(metrics),
         _latency(metrics, framework),
         *_error_histograms(metrics),
-        *_variants(manifest.get("variants") or []),
+        *_variants(manifest.get("variants") or [], published="failure" not in manifest),
         *_tuning_sections(manifest.get("tuning") or {}),
         *_localization(metrics.get("localization") or {}),
         _gates(manifest["gates"]),
@@ -40,6 +41,17 @@ def _source(manifest: dict, framework: str | None) -> dict:
         f"validation: {metrics['samples']} samples, {metrics['threads']} threads, original = {framework}, "
         f"candidate = ONNX Runtime",
     ]}
+
+
+def _failure(failure: dict | None) -> list[dict]:
+    """A failed build's report: why it failed, and why parts of a bundle's report are missing."""
+    if failure is None:
+        return []
+    return [{"title": "Why this build failed", "text": [
+        f"**{failure['status'].replace('_', ' ')}**: {failure['reason']}",
+        "Nothing was published. This report holds what was measured before the failure; the steps after it "
+        "did not run, so their sections are absent.",
+    ]}]
 
 
 def _parity(metrics: dict) -> dict:
@@ -107,14 +119,15 @@ def _error_histograms(metrics: dict) -> list[dict]:
     return [{"title": f"Error histogram: {name}", "plot": f"errors-{name}"} for name in metrics["outputs"]]
 
 
-def _variants(variants: list[dict]) -> list[dict]:
+def _variants(variants: list[dict], published: bool) -> list[dict]:
     """The precision variant table, and each variant's fallback rounds and quantization settings under it."""
     if not variants:
         return []
+    chosen = "published" if published else "selected"  # a failed build published nothing
     batches = list(variants[0]["p50_ms"])
     rows = []
     for v in variants:
-        rows.append([("**" + v["name"] + "** (published)") if v["selected"] else v["name"], v["kind"], v["bytes"],
+        rows.append([f"**{v['name']}** ({chosen})" if v["selected"] else v["name"], v["kind"], v["bytes"],
                      v["cosine"], v["max_abs_error"], v["accuracy"],
                      *[v["p50_ms"][b] for b in batches], *[f"{v['speedup'][b]:.2f}x" for b in batches],
                      "pass" if v["passed"] else "**FAIL**"])
@@ -214,6 +227,8 @@ def _localization(loc: dict) -> list[dict]:
 
 
 def _gates(gates: dict) -> dict:
+    if not gates["verdicts"]:  # a failed build that stopped before its gate
+        return {"title": "Gates", "text": ["not judged: the build stopped before the gates ran"]}
     return {"title": "Gates", "header": ["gate", "subject", "value", "threshold", "result"],
             "rows": [[v["gate"], v["subject"], v["value"] if not isinstance(v["value"], list) else str(v["value"]),
                       str(v["threshold"]), "pass" if v["passed"] else "**FAIL**: " + v["message"]]
