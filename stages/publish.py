@@ -79,7 +79,6 @@ def build_manifest(config: Config, inputs: dict[str, Path], context: dict, model
     is absent is simply left out. `model` describes the bundle's model file (a failed build has none)."""
     upstream = context["upstream"]
     source = artifacts.source(inputs["model"])
-    spec = artifacts.spec(inputs["data"])
     # no verdicts: the build stopped before the selected candidate was judged (a step it needs failed)
     verdicts = artifacts.verdicts(inputs["verdicts"]) if "verdicts" in inputs else {"passed": False, "verdicts": []}
     serving = _serving(inputs, upstream)
