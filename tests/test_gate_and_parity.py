@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import kiln, run_fixture_script
 from pipeline.recipe import Gates
 from stages import gate, latency, parity
 
@@ -258,3 +259,19 @@ def test_judge_parity_and_metrics_from_before_variation_was_measured():
     config = Gates().model_dump(mode="json")
     judged = gate.verdicts(config, metrics, {"logits": ref}, {"logits": ref})
     assert {v["gate"] for v in judged if v["subject"] == "logits"} == {"finite", "atol_rtol", "min_cosine"}
+
+
+@pytest.mark.slow
+def test_kiln_run_refuses_a_model_whose_output_does_not_vary(tmp_path):
+    """Through the real CLI: a constant-output model (MLflow 3 defaults) is a gate failure, exit 1, one line
+    naming the output; nothing is published."""
+    registry = run_fixture_script("register_constant.py", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    recipe = tmp_path / "constant.yaml"
+    recipe.write_text("name: constant\nsource: {uri: 'models:/constant@champion'}\n"
+                      "validation: {latency: {batch_sizes: [1], time_budget_s: 1}}\n")
+    result = kiln("run", str(recipe), "--tracking-uri", registry, "--artifacts", str(tmp_path / "a"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("kiln:")]
+    assert "output 'output_0': the original model's output does not vary across the 32 validation samples" in line
+    assert "allow_degenerate" in line, line
+    assert not (tmp_path / "a" / "bundles" / "constant").exists()
