@@ -274,8 +274,8 @@ def _parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
         raise ValueError(f"output shape {candidate.shape} differs from the original's {reference.shape}")
     flat_ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
     flat = candidate.reshape(candidate.shape[0], -1).astype(np.float64)
-    return {"mean_cosine": float(mean_row_cosine(flat_ref, flat)), "max_abs_error": float(np.abs(flat_ref - flat).max()),
-            **centered(flat_ref, flat)}
+    return {"mean_cosine": float(mean_row_cosine(flat_ref, flat)),
+            "max_abs_error": float(np.abs(flat_ref - flat).max()), **centered(flat_ref, flat)}
 
 
 def _timings(tools: list[Tool], feeds: dict, args) -> dict:

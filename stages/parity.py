@@ -105,7 +105,8 @@ def degenerate(measured: dict) -> str | None:
     samples = measured["shape"][0]
     if measured.get("reference_norm") == 0:
         return f"the original model's output is all zero on the {samples} validation samples"
-    return f"the original model's output does not vary across the {samples} validation samples (variation {variation:.2g})"
+    return (f"the original model's output does not vary across the {samples} validation samples "
+            f"(variation {variation:.2g})")
 
 
 def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int) -> float:

@@ -53,7 +53,6 @@ def _parity(metrics: dict) -> dict:
             "header": ["output", "shape", "dtype", "max abs", "mean abs", "p99 abs", "max rel", "cosine",
                        "variation", "centered cosine", "error / signal", "top-1 agree", "top-k agree", "NaN/Inf"],
             "rows": rows,
-            # Cosine and errors compare whole outputs; these three compare only what varies between inputs.
             "text": ["variation: how much the original's output varies between inputs (||original - its mean over "
                      "the samples|| / ||original||; 0 = the same output for every input, where parity proves "
                      "nothing); centered cosine and error / signal compare the candidate with the original on that "
