@@ -11,7 +11,8 @@ same timing code (each tool in a warm block of its own per repeat, the order rot
               their search space is what a user who knows the model family would write (benchmarks/zoo.py)
 
 For each model: p50 / p95 at batch 1 and 32 as ratios to eager (per repeat, then median with min-max), parity of
-every row vs the original on the same samples (mean per-sample cosine, max abs error), artifact size, build
+every row vs the original on the same samples (mean per-sample cosine, max abs error, and on the part of the output
+that varies between inputs: centered cosine and error / signal, beside the original's variation), artifact size, build
 wall time, and kiln's warm re-run. A tool that fails on a model is a row with its one-line error. kiln vs the best
 peer counts only peers at or above the model's parity bar (mean cosine); the others are named, not counted.
 
@@ -265,13 +266,16 @@ def _optimum(bench: BenchModel, model, work: Path, python: Path) -> Tool:
 
 
 def _parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    from stages.parity import mean_row_cosine
+    """Mean per-sample cosine and max abs error, and kiln's centered measures: the original's variation between
+    inputs, and the candidate's centered cosine and error / signal on that varying part."""
+    from stages.parity import centered, mean_row_cosine
 
     if reference.shape != candidate.shape:
         raise ValueError(f"output shape {candidate.shape} differs from the original's {reference.shape}")
     flat_ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
     flat = candidate.reshape(candidate.shape[0], -1).astype(np.float64)
-    return {"mean_cosine": float(mean_row_cosine(flat_ref, flat)), "max_abs_error": float(np.abs(flat_ref - flat).max())}
+    return {"mean_cosine": float(mean_row_cosine(flat_ref, flat)),
+            "max_abs_error": float(np.abs(flat_ref - flat).max()), **centered(flat_ref, flat)}
 
 
 def _timings(tools: list[Tool], feeds: dict, args) -> dict:
@@ -366,7 +370,8 @@ def bench_model(key: str, args) -> dict:
             "build_s": tool.build_s, "bytes": tool.bytes, "parity": parity.get(tool.name), "notes": tool.notes,
             "latency": {b: timings[b].get(tool.name) for b in timings},
         }
-    return {"model": bench.name, "framework": bench.framework, "min_cosine": bench.min_cosine, "tools": rows,
+    return {"model": bench.name, "framework": bench.framework, "min_cosine": bench.min_cosine,
+            "variation": (parity.get("eager") or {}).get("variation"), "tools": rows,
             "kiln": {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}}
 
 
@@ -409,18 +414,22 @@ def _fmt_latency(cell: dict | None) -> str:
     return f"{cell['p50_ms']:.3g}{ratio} [{low:.3g}–{high:.3g}] / {cell['p95_ms']:.3g}"
 
 
+def _fmt_number(value: float | None, spec: str = ".3g") -> str:
+    return "–" if value is None else f"{value:{spec}}"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# kiln vs frameworks and peers ({report['settings']['repeats']} repeat(s), medians; "
              f"[min–max of p50 over repeats]; ratios are eager p50 / tool p50 within each repeat)", "",
              f"Machine: {report['machine']}. " + " ".join(report["notes"]), ""]
     lines += ["## kiln vs the best peer at passing parity, and vs the better of eager and compiled "
               "(their p50 / kiln p50; > 1 means kiln is faster)", "",
-              "| model | parity bar | b1: best peer | b1 ratio | b1 vs framework | b32: best peer | b32 ratio "
-              "| b32 vs framework | below the bar | kiln build s | kiln warm re-run s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | output variation | parity bar | b1: best peer | b1 ratio | b1 vs framework | b32: best peer "
+              "| b32 ratio | b32 vs framework | below the bar | kiln build s | kiln warm re-run s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in report["results"]:
         peer = result["best_peer"]
-        cells = [f"{result['min_cosine']}"]
+        cells = [_fmt_number(result.get("variation")), f"{result['min_cosine']}"]
         for b in ("1", str(SAMPLES)):
             cell = peer.get(b, {})
             cells.append(f"{cell['peer']} | {cell['ratio']:.2f}x" if "ratio" in cell else "– | –")
@@ -434,9 +443,9 @@ def markdown(report: dict) -> str:
         lines[-1] += f" {kiln.get('warm_rerun_s', float('nan')):.1f} ({kiln.get('warm_steps_ran', '?')} steps ran) |"
     for result in report["results"]:
         lines += ["", f"## {result['model']} ({result['framework']})", "",
-                  "| tool | status | build s | MB | mean cosine | max abs err | b1 p50 ms (x eager) [range] / p95 "
-                  f"| b{SAMPLES} p50 ms (x eager) [range] / p95 | notes |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| tool | status | build s | MB | mean cosine | centered cosine | error / signal | max abs err "
+                  f"| b1 p50 ms (x eager) [range] / p95 | b{SAMPLES} p50 ms (x eager) [range] / p95 | notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["tools"].values():
             parity = row["parity"] or {}
             status = "ok" if row["status"] == "ok" else f"**failed**: {row['error']}"
@@ -444,7 +453,9 @@ def markdown(report: dict) -> str:
                 f"| {row['label']} | {status} | {row['build_s']:.1f} |".replace("| None |", "| – |")
                 if row["build_s"] is not None else f"| {row['label']} | {status} | – |")
             lines[-1] += (f" {row['bytes'] / 2**20:.2f} |" if row["bytes"] else " – |")
-            lines[-1] += (f" {parity['mean_cosine']:.6f} | {parity['max_abs_error']:.3g} |" if parity else " – | – |")
+            lines[-1] += (f" {parity['mean_cosine']:.6f} | {_fmt_number(parity.get('centered_cosine'), '.6f')} | "
+                          f"{_fmt_number(parity.get('error_to_signal'))} | {parity['max_abs_error']:.3g} |"
+                          if parity else " – | – | – | – |")
             lines[-1] += "".join(f" {_fmt_latency(row['latency'].get(b))} |" for b in ("1", str(SAMPLES)))
             lines[-1] += f" {'; '.join(row['notes'])} |"
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from pydantic import Field
 from pipeline.schema import StageConfig, Strict
 from stages import artifacts, parity
 
-VERSION = 8
+VERSION = 9
 
 
 class OutputGate(Strict):
@@ -20,12 +20,22 @@ class OutputGate(Strict):
     min_cosine: float | None = Field(None, ge=-1, le=1, description="Cosine of the whole output tensor")
     min_mean_cosine: float | None = Field(None, ge=-1, le=1, description="Mean of per-sample cosines (embeddings)")
     min_top1: float | None = Field(None, ge=0, le=1, description="Fraction of rows whose argmax agrees")
+    max_error_to_signal: float | None = Field(
+        None, ge=0, description="||onnx - original|| / ||original - its mean over the samples||: the error as a "
+        "fraction of the part of the output that varies between inputs (cosine alone passes a model that answers "
+        "its mean output for every input; that model measures 1.0 here)")
 
 
 class ParityGates(Strict):
-    default: OutputGate = Field(default_factory=lambda: OutputGate(atol=1e-4, rtol=1e-3, min_cosine=0.9999))
+    # max_error_to_signal 0.01: fp32 exports measured 0 (digits CNN) and 2.5e-7 (the BERT-style encoder), a model
+    # answering its mean output for every input measures 1.0; 0.01 leaves room for fusions' reordered sums.
+    default: OutputGate = Field(default_factory=lambda: OutputGate(atol=1e-4, rtol=1e-3, min_cosine=0.9999,
+                                                                   max_error_to_signal=0.01))
     outputs: dict[str, OutputGate] = Field(default_factory=dict, description="Per output name; overrides default")
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Needs labels; fraction, 0.005 = 0.5 %")
+    allow_degenerate: bool = Field(
+        False, description="Judge parity even when the original's output cannot show an error: a float output that "
+        "does not vary between the validation samples, is all zero, or holds NaN/Inf (by default a gate failure)")
 
 
 class LatencyGates(Strict):
@@ -99,6 +109,22 @@ def _unknown_outputs(gates: dict, metrics: dict) -> list[dict]:
             for name in sorted(set(gates["parity"]["outputs"]) - set(metrics["outputs"]))]
 
 
+def _degenerate_verdicts(gates: dict, metrics: dict) -> list[dict]:
+    """One per output whose original cannot show an error: parity against a constant, zero or NaN output passes
+    a garbage candidate (Keras MobileNetV2 with weights=None answers 0.001 everywhere; its INT8 graph measured
+    cosine 1.0). Listed first, so it is the reason a build gives."""
+    allowed = gates["parity"].get("allow_degenerate", False)
+    found = []
+    for name, measured in metrics["outputs"].items():
+        why = parity.degenerate(measured)
+        if why:
+            found.append(_verdict(
+                "degenerate", name, allowed, measured.get("variation"), {"allow_degenerate": allowed},
+                f"output '{name}': {why}; parity on it proves nothing — use real validation data, check the model "
+                "(untouched BatchNorm statistics?), or set gates.parity.allow_degenerate: true"))
+    return found
+
+
 def _tolerance_verdicts(gate: dict, name: str, metrics: dict, reference: dict, candidate: dict,
                         sweep: dict | None) -> list[dict]:
     """atol/rtol on one output, at the validated sizes and at every size of the shape sweep."""
@@ -123,7 +149,8 @@ def _tolerance_verdicts(gate: dict, name: str, metrics: dict, reference: dict, c
 
 def _output_verdicts(gate: dict, name: str, measured: dict, metrics: dict, reference: dict, candidate: dict,
                      sweep: dict | None) -> list[dict]:
-    """One output's parity gates: shape, finite values, tolerance, cosine, mean cosine, top-1 agreement."""
+    """One output's parity gates: shape, finite values, tolerance, cosine, error to signal, mean cosine, top-1
+    agreement."""
     label = f"output '{name}'"
     if measured.get("shape_mismatch"):
         return [_verdict("shape", name, False, measured["candidate_shape"], measured["shape"],
@@ -140,6 +167,12 @@ def _output_verdicts(gate: dict, name: str, measured: dict, metrics: dict, refer
             "min_cosine", name, measured["cosine"] >= gate["min_cosine"], measured["cosine"], gate["min_cosine"],
             f"{label}: cosine similarity {measured['cosine']:.6f} is below min_cosine {gate['min_cosine']}"
             f"{_where(metrics)}"))
+    limit, value = gate.get("max_error_to_signal"), measured.get("error_to_signal")
+    if limit is not None and value is not None:  # None: not measurable (integers, one sample, no variation)
+        found.append(_verdict(
+            "max_error_to_signal", name, value <= limit, value, limit,
+            f"{label}: the error is {value:.3g} of the output's variation between inputs (||onnx - original|| / "
+            f"||original - its mean||), above max_error_to_signal {limit}{_where(metrics)}"))
     if gate.get("min_mean_cosine") is not None:
         value = measured.get("mean_row_cosine")
         found.append(_verdict(
@@ -199,7 +232,7 @@ def _latency_verdicts(gates: dict, metrics: dict, baseline: dict | None) -> list
 
 def verdicts(gates: dict, metrics: dict, reference: dict, candidate: dict, sweep: dict | None = None,
              baseline: dict | None = None) -> list[dict]:
-    found = _unknown_outputs(gates, metrics)
+    found = _unknown_outputs(gates, metrics) + _degenerate_verdicts(gates, metrics)
     for name, measured in metrics["outputs"].items():
         found += _output_verdicts(_output_gate(gates, name), name, measured, metrics, reference, candidate, sweep)
     found += _task_verdicts(gates, metrics)

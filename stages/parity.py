@@ -39,6 +39,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
     if reference.dtype.kind in "iub":
         # Integer outputs (class labels, token ids) are right or wrong: the fraction that is exactly equal.
         result["exact_agreement"] = float(np.mean(reference == candidate)) if reference.size else 1.0
+        result.update(dict.fromkeys(CENTERED))
+    else:
+        result.update(centered(ref, np.where(finite, cand, 0)))
+        result["reference_inf"] = int(np.isinf(ref).sum())
     if reference.ndim >= 2:
         result["mean_row_cosine"] = mean_row_cosine(np.where(finite, ref, 0), np.where(finite, cand, 0))
     if reference.ndim >= 2 and reference.shape[-1] > 1:
@@ -51,6 +55,58 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
 
 TOP_K = 5
+
+CENTERED = ("variation", "centered_cosine", "error_to_signal")
+
+# An output whose variation is below this does not vary between inputs. float32 keeps 24 bits (epsilon 1.2e-7);
+# a deep network's sums, ordered differently per batch, move a constant output by a few epsilons of its norm, so
+# 1e-5 stays clear of that noise while no output worth validating comes near it (the random-weight ResNet-50
+# before its BatchNorm statistics were set: 3e-2).
+MIN_VARIATION = 1e-5
+
+
+def centered(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Parity measured against the part of the output that varies between inputs (samples on axis 0), the part
+    a model that answered its mean output for every input would get wrong:
+    variation: ||ref - mean(ref)|| / ||ref||, 0 for a constant output;
+    centered_cosine: cosine of (cand - mean(ref)) and (ref - mean(ref));
+    error_to_signal: ||cand - ref|| / ||ref - mean(ref)||, 1.0 for the mean-for-every-input model.
+    None where it cannot be measured: one sample (nothing to vary), a non-finite reference (no meaningful mean),
+    no variation at all (nothing to divide by)."""
+    found = dict.fromkeys(CENTERED)
+    if reference.shape[0] < 2 or not np.isfinite(reference).all():
+        return found
+    ref = reference.reshape(reference.shape[0], -1).astype(np.float64)
+    cand = candidate.reshape(candidate.shape[0], -1).astype(np.float64)
+    mean = ref.mean(axis=0)
+    signal, size = np.linalg.norm(ref - mean), np.linalg.norm(ref)
+    found["reference_norm"] = float(size)
+    found["variation"] = float(signal / size) if size > 0 else 0.0
+    if signal == 0:
+        return found
+    moved = np.linalg.norm(cand - mean)
+    # A candidate at the mean for every input has no direction: it explains none of the variation.
+    found["centered_cosine"] = float(np.sum((cand - mean) * (ref - mean)) / (moved * signal)) if moved > 0 else 0.0
+    found["error_to_signal"] = float(np.linalg.norm(cand - ref) / signal)
+    return found
+
+
+def degenerate(measured: dict) -> str | None:
+    """Why parity on this output of the original model proves nothing, from compare()'s measures, or None.
+    Integer outputs have no variation measured and are not judged: a classifier may fairly give one label to every
+    synthetic sample while its scores (judged on their own) still vary. Neither is one sample (nothing can vary)
+    nor a cached measure from before variation was measured ("not measured", not degenerate)."""
+    nan, inf = measured.get("reference_nan") or 0, measured.get("reference_inf") or 0
+    if nan or inf:
+        return f"the original model's output contains {nan} NaN and {inf} Inf values"
+    variation = measured.get("variation")
+    if variation is None or variation >= MIN_VARIATION:
+        return None
+    samples = measured["shape"][0]
+    if measured.get("reference_norm") == 0:
+        return f"the original model's output is all zero on the {samples} validation samples"
+    return (f"the original model's output does not vary across the {samples} validation samples "
+            f"(variation {variation:.2g})")
 
 
 def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int) -> float:

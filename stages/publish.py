@@ -196,6 +196,7 @@ def _variants(inputs: dict[str, Path], selected: str) -> list[dict]:
             "selected": name == selected,
             "bytes": artifacts.onnx_bytes(artifacts.onnx_model(folder)),
             "cosine": first.get("cosine"),
+            "error_to_signal": first.get("error_to_signal"),
             "max_abs_error": first.get("max_abs_error"),
             "accuracy": (metrics.get("task") or {}).get("candidate"),
             "p50_ms": {b: t["onnxruntime"]["p50_ms"] for b, t in metrics["latency"].items()},

@@ -59,10 +59,16 @@ def _parity(metrics: dict) -> dict:
     for name, o in metrics["outputs"].items():
         rows.append([name, "x".join(map(str, o["shape"])), o.get("dtype"), o.get("max_abs_error"),
                      o.get("mean_abs_error"), o.get("p99_abs_error"), o.get("max_rel_error"), o.get("cosine"),
+                     o.get("variation"), o.get("centered_cosine"), o.get("error_to_signal"),
                      o.get("top1_agreement"), o.get("topk_agreement"), o.get("nan", 0) + o.get("inf", 0)])
     return {"title": "Parity (candidate vs original, same inputs, same process)",
             "header": ["output", "shape", "dtype", "max abs", "mean abs", "p99 abs", "max rel", "cosine",
-                       "top-1 agree", "top-k agree", "NaN/Inf"], "rows": rows}
+                       "variation", "centered cosine", "error / signal", "top-1 agree", "top-k agree", "NaN/Inf"],
+            "rows": rows,
+            "text": ["variation: how much the original's output varies between inputs (||original - its mean over "
+                     "the samples|| / ||original||; 0 = the same output for every input, where parity proves "
+                     "nothing); centered cosine and error / signal compare the candidate with the original on that "
+                     "varying part (error / signal 1.0 = no better than answering the mean output for every input)"]}
 
 
 def _shape_sweep(metrics: dict) -> list[dict]:
@@ -128,11 +134,11 @@ def _variants(variants: list[dict], published: bool) -> list[dict]:
     rows = []
     for v in variants:
         rows.append([f"**{v['name']}** ({chosen})" if v["selected"] else v["name"], v["kind"], v["bytes"],
-                     v["cosine"], v["max_abs_error"], v["accuracy"],
+                     v["cosine"], v.get("error_to_signal"), v["max_abs_error"], v["accuracy"],
                      *[v["p50_ms"][b] for b in batches], *[f"{v['speedup'][b]:.2f}x" for b in batches],
                      "pass" if v["passed"] else "**FAIL**"])
     return [{"title": "Precision variants (vs the original framework)",
-             "header": ["variant", "kind", "bytes", "cosine", "max abs", "accuracy",
+             "header": ["variant", "kind", "bytes", "cosine", "error / signal", "max abs", "accuracy",
                         *[f"p50 ms b{b}" for b in batches], *[f"speedup b{b}" for b in batches], "gates"],
              "rows": rows, "text": [line for v in variants for line in _variant_notes(v)]}]
 
