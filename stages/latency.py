@@ -157,6 +157,29 @@ class _Runtime:
         return took
 
 
+def _warm_up(runtime: _Runtime, warmup: int, seconds: float, block_seconds: float) -> float:
+    """Untimed calls (at least `warmup`, for at least `seconds`), which also size the runtime's blocks; the peak
+    RSS meanwhile."""
+    with _PeakRss() as rss:
+        took = runtime.untimed(seconds, warmup)
+    cost = float(np.median(took[-3:]))
+    runtime.block = int(min(200, max(3, round(block_seconds / max(cost, 1e-6)))))
+    return rss.peak
+
+
+def _done(runtimes: list[_Runtime], out_of_time: bool, min_iterations: int, min_seconds: float,
+          target_ci: float | None, p95: bool, max_iterations: int) -> bool:
+    """Whether to stop after this round: out of time (with 3 runs each), or every runtime past its minimum and
+    either precise or at the cap."""
+    if out_of_time and all(len(r.samples) >= 3 for r in runtimes):
+        return True
+    for r in runtimes:
+        n = len(r.samples)
+        if not (n >= min(min_iterations, max_iterations) or (r.timed_s >= min_seconds and n >= FEWEST)):
+            return False
+    return all(len(r.samples) >= max_iterations for r in runtimes if not precise(r.samples, target_ci, p95))
+
+
 def measure(
     calls: dict[str, Callable[[], object]],
     batch: int,
@@ -183,21 +206,10 @@ def measure(
     `target_ci` of its value; or at `max_iterations` runs, or once `time_budget_s` is used (every runtime with at
     least 3 runs by then). `ci_target_met` says which of the three stopped it."""
     runtimes = {name: _Runtime(call) for name, call in calls.items()}
-    peaks: dict[str, float] = {}
-    for name, runtime in runtimes.items():
-        with _PeakRss() as rss:
-            took = runtime.untimed(rewarm_seconds, warmup)
-        peaks[name] = rss.peak
-        cost = float(np.median(took[-3:]))
-        runtime.block = int(min(200, max(3, round(block_seconds / max(cost, 1e-6)))))
+    peaks = {name: _warm_up(r, warmup, rewarm_seconds, block_seconds) for name, r in runtimes.items()}
     names = list(runtimes)
     last = names[-1]  # the last one warmed up: it alone may start without a re-warm
     started = time.perf_counter()
-
-    def enough(r: _Runtime) -> bool:
-        n = len(r.samples)
-        return n >= min(min_iterations, max_iterations) or (r.timed_s >= min_seconds and n >= FEWEST)
-
     round_index = 0
     while True:
         shift = round_index % len(names)
@@ -216,14 +228,8 @@ def measure(
             if say is not None:
                 say(f"batch {batch}: {name} ({len(runtime.samples)} timed runs)")
         round_index += 1
-        elapsed = time.perf_counter() - started
-        out_of_time = time_budget_s is not None and elapsed > time_budget_s
-        if out_of_time and all(len(r.samples) >= 3 for r in runtimes.values()):
-            break
-        if not all(enough(r) for r in runtimes.values()):
-            continue
-        unsure = [r for r in runtimes.values() if not precise(r.samples, target_ci, p95)]
-        if all(len(r.samples) >= max_iterations for r in unsure):
+        out_of_time = time_budget_s is not None and time.perf_counter() - started > time_budget_s
+        if _done(list(runtimes.values()), out_of_time, min_iterations, min_seconds, target_ci, p95, max_iterations):
             break
     result = {}
     for name, runtime in runtimes.items():

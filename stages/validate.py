@@ -87,6 +87,7 @@ def _shape_sweep(framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray]
     """Parity at other sizes of every dynamic axis, and the outputs compared ('<trial>/reference/<output>',
     '<trial>/candidate/<output>') for the gate's tolerance checks."""
     sweep, arrays = [], {}
+    progress.update("comparing at other axis sizes")
     for index, sizes in enumerate(_sweep_sizes(spec, feeds)):
         trial = resize_axes(spec, feeds, sizes)
         ref = framework.predict(model, spec, trial)
@@ -125,6 +126,7 @@ def _task_parity(framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray]
 def _localization(settings: Localize, framework, model, spec: ModelSpec, feeds: dict[str, np.ndarray],
                   reference: list[np.ndarray], candidate: list[np.ndarray], exported: Path) -> dict:
     """The layer-by-layer comparison against the exported graph, on the samples that differ most."""
+    progress.update("comparing layer by layer")
     subset = {k: v[_localization_rows(spec, reference[0], candidate[0], settings.samples)]
               for k, v in feeds.items()} if spec.batch_axis_named else feeds
     return localize.localize(framework, model, spec, subset, exported, settings.tolerance)
@@ -186,13 +188,11 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     artifacts.write_outputs(out, dict(zip(names, reference)), dict(zip(names, candidate)))
     outputs = {name: parity.compare(r, c) for name, r, c in zip(names, reference, candidate)}
 
-    progress.update("comparing at other axis sizes")
     sweep, sweep_arrays = ([], {}) if not config.shape_sweep else _shape_sweep(framework, model, spec, feeds,
                                                                                     runner, names)
     artifacts.write_sweep(out, sweep_arrays)
     task = _task(labels, names, reference, candidate) if labels is not None else None
     task_parity = _task_parity(framework, model, spec, feeds, names, reference, candidate)
-    progress.update("comparing layer by layer")
     localization = (_localization(config.localize, framework, model, spec, feeds, reference, candidate,
                                   artifacts.onnx_model(inputs["exported"])) if config.localize.enabled else None)
     timings = _latency(settings, config.precise_p95, framework, model, spec, feeds, runner)
