@@ -86,7 +86,7 @@ class Tune(Strict):
     publish: str | None = Field(None, description="The target whose winner `select: tuned` publishes; default: the first")
     objective: Objective = Field(
         "p50", description="Minimized over the batch sizes (geometric mean); throughput = ms per item. p95 needs "
-        "about 10x the runs for the same precision (benchmarks/harness_aa.py)"
+        "about 9x the runs for the same precision (benchmarks/harness_aa.py)"
     )
     batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
         None, description="Default: validation.latency.batch_sizes"
