@@ -127,6 +127,7 @@ def main() -> None:
                                "steps_s": {k: v["seconds"] for k, v in steps.items()}}
             print(f"tuned: build {seconds:.1f} s from an empty store; {summary['recipes'][0]['status']}; "
                   f"tune.cpu {steps.get('tune.cpu', {}).get('seconds')} s: {tune}")
+            print("  steps: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in steps.items() if v.get("seconds")))
             if "consistency" in wanted and summary["recipes"][0]["status"] == "passed":
                 report["consistency"] = consistency(summary, store / "store")
                 show(report["consistency"])

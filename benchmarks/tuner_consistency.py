@@ -26,12 +26,12 @@ sys.path.insert(0, str(ROOT))
 TIME_ONE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import numpy as np
+from pathlib import Path
 from stages import onnx_runtime
 from stages.latency import measure
 from stages.tensors import batch_of, load_arrays, ModelSpec
 job = json.loads(sys.argv[2])
-spec, feeds = ModelSpec.load(job["spec"]), load_arrays(job["feeds"])
+spec, feeds = ModelSpec.load(Path(job["spec"])), load_arrays(Path(job["feeds"]))
 runner = onnx_runtime.Runner(job["model"], job["settings"])
 print(json.dumps({str(b): measure({"c": runner.call(batch_of(spec, feeds, b))}, batch=b)["c"]["p50_ms"]
                   for b in job["batches"]}))
@@ -49,7 +49,7 @@ def consistency(summary: dict, store_root: Path, target: str = "cpu", repeats: i
         entry = store.lookup(step["key"]) if step.get("key") else None
         if entry is not None:
             entries[entry.output_hash] = entry
-    tune = next(e for e in entries.values() if e.meta["stage"] == "tune" and e.meta["config"]["target"] == target)
+    tune = next(e for e in entries.values() if e.meta["stage"] == f"tune.{target}")
     data = entries[tune.meta["inputs"]["data"]].out
     record = json.loads((tune.out / "tune.json").read_text())
     rows = sorted((r for r in record["candidates"] if r["objective"] is not None), key=lambda r: r["objective"])[:3]
@@ -65,8 +65,9 @@ def consistency(summary: dict, store_root: Path, target: str = "cpu", repeats: i
     for repeat in range(repeats):
         for name in names[repeat % len(names):] + names[: repeat % len(names)]:
             done = subprocess.run([sys.executable, "-c", TIME_ONE, str(ROOT), json.dumps(jobs[name])],
-                                  capture_output=True, text=True, check=True,
-                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                                  capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            if done.returncode != 0:
+                raise SystemExit(f"timing {name} in a fresh process failed: {done.stderr.strip()[-1500:]}")
             per_batch = {b: {"p50_ms": v} for b, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
             fresh[name].append(objective(per_batch, "p50"))
     medians = {c: float(np.median(v)) for c, v in fresh.items()}
