@@ -173,6 +173,8 @@ def _done(runtimes: list[_Runtime], out_of_time: bool, min_iterations: int, min_
     either precise or at the cap."""
     if out_of_time and all(len(r.samples) >= 3 for r in runtimes):
         return True
+    if target_ci is None:  # a fixed count, however long it takes
+        return all(len(r.samples) >= min(min_iterations, max_iterations) for r in runtimes)
     for r in runtimes:
         n = len(r.samples)
         if not (n >= min(min_iterations, max_iterations) or (r.timed_s >= min_seconds and n >= FEWEST)):

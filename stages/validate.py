@@ -147,7 +147,7 @@ def _latency(settings: Latency, precise_p95: bool, framework, model, spec: Model
                 batch=batch,
                 warmup=settings.warmup,
                 min_iterations=settings.iterations,
-                min_seconds=settings.min_seconds if settings.target_ci is not None else 0.0,
+                min_seconds=settings.min_seconds,
                 target_ci=settings.target_ci,
                 p95=precise_p95,
                 max_iterations=settings.max_iterations if settings.target_ci is not None else settings.iterations,

@@ -114,6 +114,10 @@ def test_time_budget_and_fixed_count(clock):
     fixed = latency.measure({"f": lambda: clock.spend(1.0)}, batch=1, min_iterations=37, target_ci=None,
                             max_iterations=37)["f"]
     assert fixed["iterations"] == 37
+    # a fixed count of slow calls is not cut short by min_seconds
+    slow = latency.measure({"s": lambda: clock.spend(500.0)}, batch=1, min_iterations=12, min_seconds=1.0,
+                           target_ci=None, max_iterations=12, time_budget_s=None)["s"]
+    assert slow["iterations"] == 12
 
 
 def test_quantile_intervals():
