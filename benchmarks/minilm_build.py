@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--only", default="validate,tuned,consistency")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose kiln runs")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", type=Path, help="build here and keep it (default: a temporary folder)")
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     recipes = _recipes()
@@ -108,7 +109,8 @@ def main() -> None:
     print(f"machine: {here['cpu']}, {here['cores']} cores, ISA {', '.join(here['isa'])}; kiln from {args.root}")
     report: dict = {"machine": here, "root": str(args.root)}
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         uri = _register(workdir)
         if "validate" in wanted:
             seconds, summary = _kiln(args.root, recipes["validate"], workdir, uri, workdir / "kiln-validate")
