@@ -206,7 +206,7 @@ def measure(
     Measuring stops by precision, not by count: once every runtime has `min_iterations` timed runs (or, for a slow
     call, `min_seconds` of them and at least 5), as soon as each one's p50 (and p95 with `p95`) is known to within
     `target_ci` of its value; or at `max_iterations` runs, or once `time_budget_s` is used (every runtime with at
-    least 3 runs by then). `ci_target_met` says which of the three stopped it."""
+    least 3 runs by then). `ci_target_met` says whether the precision was reached."""
     runtimes = {name: _Runtime(call) for name, call in calls.items()}
     peaks = {name: _warm_up(r, warmup, rewarm_seconds, block_seconds) for name, r in runtimes.items()}
     names = list(runtimes)
