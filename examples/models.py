@@ -70,6 +70,14 @@ class SentenceEncoder(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+class TokenEncoder(SentenceEncoder):
+    """all-MiniLM-L6-v2 without the pooling: input_ids, attention_mask (N, seq) -> last_hidden_state
+    (N, seq, 384), every token's vector. Quantization error shows here undiluted by the mean over tokens."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck (stride on the 3x3 conv), as in torchvision's resnet50."""
 
