@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PrecisionKind = Literal["fp32", "fp16", "int8-dynamic", "int8-static"]
+PrecisionKind = Literal["fp32", "fp16", "int8-dynamic", "int8-static", "weight-only"]
 GraphLevel = Literal["disabled", "basic", "extended", "all"]
 
 

@@ -27,11 +27,15 @@ class CalibrationReader:
         self.position = 0
 
 
+def sample_rows(count: int, samples: int, seed: int) -> np.ndarray:
+    """`samples` of `count` row indices, chosen with `seed`, in order."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(count, size=min(samples, count), replace=False))
+
+
 def draw_samples(feeds: dict[str, np.ndarray], samples: int, seed: int) -> tuple[dict[str, np.ndarray], str]:
     """`samples` rows of the feeds, chosen with `seed` and kept in order, and the sha256 of what was chosen."""
-    count = next(iter(feeds.values())).shape[0]
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(count, size=min(samples, count), replace=False))
+    rows = sample_rows(next(iter(feeds.values())).shape[0], samples, seed)
     chosen = {k: np.ascontiguousarray(v[rows]) for k, v in feeds.items()}
     digest = hashlib.sha256()
     for name in sorted(chosen):

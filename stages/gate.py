@@ -11,7 +11,7 @@ from pydantic import Field
 from pipeline.schema import StageConfig, Strict
 from stages import artifacts, parity
 
-VERSION = 9
+VERSION = 10
 
 
 class OutputGate(Strict):
@@ -282,10 +282,11 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
 
 def _fallback_note(quantize: dict) -> str:
     fallback = quantize.get("fallback") or {}
-    if not fallback.get("rounds"):
-        return ""
+    rounds = len(fallback.get("curve") or []) - 1
+    if rounds <= 0:
+        return f"; accuracy-aware fallback: {fallback['stopped']}" if fallback.get("stopped") else ""
     excluded = len(fallback.get("excluded") or [])
-    return (f"; accuracy-aware fallback kept {excluded} node(s) in float after {len(fallback['rounds'])} round(s) "
+    return (f"; accuracy-aware fallback kept {excluded} node(s) in float after {rounds} round(s) "
             f"and stopped: {fallback.get('stopped')}")
 
 

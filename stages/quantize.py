@@ -1,47 +1,37 @@
-"""quantize: one precision variant of the optimized FP32 model (fp16, int8-dynamic, int8-static QDQ), checked
-against the original framework's outputs with the variant's parity gates, and repaired when it misses them.
-
-Accuracy-aware fallback: run the FP32 and the quantized graph on the same samples, measure for every quantized
-node the signal-to-quantization-noise ratio (SQNR) its output loses relative to its inputs (the noise the node
-itself adds, not what it inherits), keep the worst nodes in float (`nodes_to_exclude`) and quantize again,
-until the gates pass or the budget (rounds, excluded fraction) is used. Every round and what it cost is
-recorded in quantize.json. Calibration samples are drawn with the recipe's seed and their hash recorded;
-the same seed and data give a byte-identical model.
+"""quantize: one precision variant of the optimized FP32 model (fp16, int8-dynamic, int8-static QDQ, weight-only
+MatMulNBits), checked against the original framework's outputs with the variant's parity gates, and repaired when it
+misses them by the accuracy-aware fallback (stages/fallback.py: the nodes that matter, found by measuring their
+end-to-end effect, kept in float). Every round, probe and what it cost is recorded in quantize.json, with the
+machine's ISA (VNNI changes what INT8 costs). Calibration samples are drawn with the recipe's seed and their hash
+recorded; the same seed and data give a byte-identical model, fallback included.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline import progress
 from pipeline.errors import ModelError, first_line
 from pipeline.schema import Seed, Slug, StageConfig, Strict
 from pipeline.versions import onnxruntime_distribution
-from stages import artifacts, gate, machine, onnx_runtime
-from stages.calibration import CalibrationReader, draw_samples
+from stages import artifacts, fallback, gate, latency, machine, onnx_runtime
+from stages.calibration import CalibrationReader, draw_samples, sample_rows
+from stages.fallback import Fallback
 from stages.optimize import Level
+from stages.tensors import batch_of, chunked_outputs
 
-VERSION = 6
+VERSION = 7
 
 
 class Calibration(Strict):
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     samples: int = Field(64, ge=1, le=100_000, description="Drawn from the validation data with the seed; their hash is recorded")
     seed: Seed = 0
-
-
-class Fallback(Strict):
-    """Accuracy-aware fallback: when the variant misses its parity gates, keep the nodes that add the most
-    quantization noise in float and quantize again, within a budget."""
-
-    enabled: bool = True
-    max_rounds: int = Field(4, ge=1)
-    nodes_per_round: int = Field(2, ge=1)
-    max_excluded_fraction: float = Field(0.25, gt=0, le=1, description="Of the quantizable nodes")
 
 
 class VariantBase(Strict):
@@ -70,12 +60,36 @@ class Int8DynamicVariant(VariantBase):
 
 class Int8StaticVariant(Int8DynamicVariant):
     kind: Literal["int8-static"]  # type: ignore[assignment]
-    activation_type: Literal["uint8", "int8"] = "uint8"
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8", description="uint8: U8S8 (with int8 weights), int8: S8S8. Which is faster depends on the CPU "
+        "(VNNI or not, recorded in quantize.json); benchmarks/int8_levers.py measures both")
     calibration: Calibration = Field(default_factory=Calibration)
 
 
-VARIANTS = {"fp16": Fp16Variant, "int8-dynamic": Int8DynamicVariant, "int8-static": Int8StaticVariant}
-QuantizeVariant = Annotated[Union[Fp16Variant, Int8DynamicVariant, Int8StaticVariant], Field(discriminator="kind")]
+class WeightOnlyVariant(VariantBase):
+    """Weight-only quantization: MatMul weights in 4 or 8 bits, blockwise (ONNX Runtime's MatMulNBits);
+    activations stay float. Only MatMul nodes with a constant weight change (a fused Attention does not)."""
+
+    kind: Literal["weight-only"]
+    bits: Literal[4, 8] = 8
+    block_size: int = Field(32, ge=16, description="Weights per scale; a power of two")
+    symmetric: bool = True
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="Compute type of MatMulNBits on CPU: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fastest)")
+    fallback: Fallback = Field(default_factory=Fallback)
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size {value} is not a power of two")
+        return value
+
+
+VARIANTS = {"fp16": Fp16Variant, "int8-dynamic": Int8DynamicVariant, "int8-static": Int8StaticVariant,
+            "weight-only": WeightOnlyVariant}
+QuantizeVariant = Annotated[Union[Fp16Variant, Int8DynamicVariant, Int8StaticVariant, WeightOnlyVariant],
+                            Field(discriminator="kind")]
 
 
 class Config(StageConfig):
@@ -86,9 +100,9 @@ class Config(StageConfig):
 
 INPUTS = {"onnx": artifacts.ONNX, "data": artifacts.SAMPLES, "metrics": artifacts.METRICS}
 OUTPUT = artifacts.ONNX
-QUANTIZABLE = {"Conv", "MatMul", "Gemm", "Attention", "ConvTranspose", "MatMulNBits"}
-SQNR_SAMPLES = 16
-FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid"}
+# What an fp16 conversion changes is every float op; its fallback candidates are the compute-heavy ones.
+FP16_CANDIDATES = {"Conv", "MatMul", "Gemm", "Attention", "ConvTranspose"}
+SQNR_SAMPLES = 4
 
 
 def tools(config: Config, inputs: dict[str, Path]) -> list[str]:
@@ -102,8 +116,24 @@ def _reduce_range(setting) -> tuple[bool, str]:
     return bool(setting), "recipe"
 
 
+def _weight_only(variant: WeightOnlyVariant, source: Path, target: Path, exclude: list[str], large: bool) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    algorithm = DefaultWeightOnlyQuantConfig(block_size=variant.block_size, is_symmetric=variant.symmetric,
+                                             accuracy_level=variant.accuracy_level, bits=variant.bits)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=variant.bits, block_size=variant.block_size,
+                                     is_symmetric=variant.symmetric, accuracy_level=variant.accuracy_level,
+                                     nodes_to_exclude=exclude, algo_config=algorithm)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), large)
+
+
 def _quantize(kind: str, variant: QuantizeVariant, source: Path, target: Path, calibration: dict | None,
-              reduce_range: bool, exclude: list[str]) -> None:
+              reduce_range: bool, exclude: list[str], cache: Path | None = None) -> None:
+    """Quantize `source` into `target` with the `exclude` nodes left in float. `cache`: where static
+    calibration's ranges are kept, so that every fallback round and probe quantizes with the same ranges
+    without calibrating again."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -120,6 +150,8 @@ def _quantize(kind: str, variant: QuantizeVariant, source: Path, target: Path, c
         model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=variant.keep_io_types,
                                          op_block_list=variant.op_block_list or None, node_block_list=exclude or None)
         artifacts.save_onnx(model, target)
+    elif kind == "weight-only":
+        _weight_only(variant, source, target, exclude, large)
     elif kind == "int8-dynamic":
         quantize_dynamic(source, target, per_channel=variant.per_channel, reduce_range=reduce_range,
                          weight_type=types[variant.weight_type], nodes_to_exclude=exclude, extra_options=extra,
@@ -127,11 +159,21 @@ def _quantize(kind: str, variant: QuantizeVariant, source: Path, target: Path, c
     else:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
+        cached = {"calibration_cache_path": cache} if cache is not None and _caches_calibration() else {}
         quantize_static(source, target, CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=variant.per_channel, reduce_range=reduce_range,
                         activation_type=types[variant.activation_type], weight_type=types[variant.weight_type],
                         calibrate_method=methods[variant.calibration.method], nodes_to_exclude=exclude,
-                        extra_options=extra, use_external_data_format=large)
+                        extra_options=extra, use_external_data_format=large, **cached)
+
+
+def _caches_calibration() -> bool:
+    """ONNX Runtime 1.23+ keeps calibration ranges in a file between quantize_static calls."""
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
 def _float_outputs(graph) -> list[str]:
@@ -140,23 +182,6 @@ def _float_outputs(graph) -> list[str]:
     zeros; at a graph output the caller gets floats anyway, so quantizing it buys nothing."""
     outputs = {o.name for o in graph.output}
     return [n.name for n in graph.node if n.op_type == "Softmax" and n.name and n.output[0] in outputs]
-
-
-def _judge(path: Path, feeds, reference: dict, labels, gates: dict) -> tuple[list[dict], dict]:
-    """The variant's parity verdicts against the original framework's outputs (no latency here)."""
-    sess = onnx_runtime.session(path)
-    names = [o.name for o in sess.get_outputs()]
-    found, metrics = gate.judge_parity(dict(zip(names, onnx_runtime.run(sess, feeds))), reference, labels, gates)
-    summary = {n: {k: metrics["outputs"][n].get(k) for k in ("cosine", "max_abs_error", "top1_agreement")} for n in names}
-    if metrics["task"]:
-        summary["accuracy"] = metrics["task"]["candidate"]
-    return found, summary
-
-
-def _score(found: list[dict], measured: dict) -> tuple:
-    """Better = fewer failed gates, then a higher mean output cosine."""
-    cosines = [m["cosine"] for m in measured.values() if isinstance(m, dict) and m.get("cosine") is not None]
-    return (-sum(not v["passed"] for v in found), float(np.mean(cosines)) if cosines else 0.0)
 
 
 def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -168,26 +193,26 @@ def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(10 * np.log10(max(signal, 1e-30) / noise))
 
 
-def noisiest_nodes(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray]) -> list[dict]:
-    """Quantizable FP32 nodes ranked by the SQNR they lose: output SQNR below their worst input's."""
+def added_noise(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray], nodes: list) -> dict[str, float]:
+    """The SQNR pass: for each of `nodes`, the relative noise power its output adds on top of what its inputs
+    already carry (output SQNR below its worst input's). Cheap (two runs), and a tie-break only: a node's own
+    noise says little about what it does to the model's output."""
     from stages.localize import onnx_tensors
 
-    model = artifacts.load_graph(fp32)
     reference = onnx_tensors(fp32, feeds)
     candidate = onnx_tensors(quantized, feeds)
+    graph = artifacts.load_graph(fp32).graph
     consumers: dict[str, list] = {}
-    for node in model.graph.node:
+    for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    ranked = []
-    for node in model.graph.node:
-        if node.op_type not in QUANTIZABLE or not node.name:
-            continue
+    found = {}
+    for node in nodes:
         out = node.output[0]
         if out not in candidate:
             # The quantizer fuses a following activation (Conv+Relu): compare at the activation's output.
             following = consumers.get(out, [])
-            if len(following) == 1 and following[0].op_type in FUSED_ACTIVATIONS:
+            if len(following) == 1 and following[0].op_type in fallback.FUSED_ACTIVATIONS:
                 out = following[0].output[0]
         if out not in reference or out not in candidate or reference[out].shape != candidate[out].shape:
             continue
@@ -195,111 +220,146 @@ def noisiest_nodes(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray]) ->
         input_sqnr = [_sqnr(reference[i], candidate[i]) for i in node.input
                       if i in reference and i in candidate and reference[i].shape == candidate[i].shape]
         inherited = min(input_sqnr) if input_sqnr else float("inf")
-        # Relative noise power the node adds on top of what its inputs already carry.
-        added = max(0.0, 10 ** (-output_sqnr / 10) - (10 ** (-inherited / 10) if np.isfinite(inherited) else 0.0))
-        ranked.append({"node": node.name, "op": node.op_type, "sqnr_db": round(float(output_sqnr), 2),
-                       "added_noise": float(added)})
-    return sorted(ranked, key=lambda r: (-r["added_noise"], r["node"]))
+        found[node.name] = max(0.0, 10 ** (-output_sqnr / 10) - (10 ** (-inherited / 10) if np.isfinite(inherited) else 0.0))
+    return found
 
 
-def _fallback(fallback: Fallback, quantizable: list[str], build, judge, rank, found: list[dict],
-              measured: dict) -> tuple[list[str], list[dict], list[dict], str | None]:
-    """The accuracy-aware fallback loop: while a gate fails, keep the noisiest nodes not yet tried in float
-    (`build(excluded)` quantizes and finishes, `judge()` gives the verdicts, `rank()` the nodes by added noise),
-    keeping a round only when it helps. Returns (excluded, verdicts, rounds, why it stopped)."""
-    budget = int(fallback.max_excluded_fraction * len(quantizable))
-    excluded: list[str] = []
-    tried: set[str] = set()
-    rounds: list[dict] = []
-    stopped = None
-    while any(not v["passed"] for v in found):
-        if not fallback.enabled:
-            stopped = "fallback disabled"
-            break
-        if len(rounds) >= fallback.max_rounds:
-            stopped = f"budget used: max_rounds {fallback.max_rounds}"
-            break
-        room = budget - len(excluded)
-        if room <= 0:
-            stopped = f"budget used: max_excluded_fraction {fallback.max_excluded_fraction} ({budget} of {len(quantizable)} nodes)"
-            break
-        ranked = [r for r in rank() if r["node"] not in excluded]
-        ranked = [r for r in ranked if r["node"] not in tried]
-        if not ranked:
-            stopped = "no quantized node left whose float fallback helps"
-            break
-        chosen = ranked[: min(fallback.nodes_per_round, room)]
-        tried.update(r["node"] for r in chosen)
-        trial = excluded + [r["node"] for r in chosen]
-        progress.update(f"fallback round {len(rounds) + 1} of at most {fallback.max_rounds}: "
-                        f"{len(trial)} node(s) kept in float")
-        build(trial)
-        trial_found, trial_measured = judge()
-        helped = _score(trial_found, trial_measured) > _score(found, measured)
-        rounds.append({"excluded": chosen, "after": trial_measured, "kept": helped,
-                       "passed": all(v["passed"] for v in trial_found)})
-        if helped:
-            excluded, found, measured = trial, trial_found, trial_measured
-        else:  # keeping these in float did not help: quantize them again and try the next ones
-            build(excluded)
-    return excluded, found, rounds, stopped
+class _Variant:
+    """One variant's build, judgement, probes and timing, as the fallback search asks for them."""
+
+    def __init__(self, config: Config, inputs: dict[str, Path], out: Path):
+        variant = self.variant = config.variant
+        self.kind, self.level = variant.kind, config.level
+        self.gates = config.gates.model_dump(mode="json")
+        self.source = artifacts.quantizable(inputs["onnx"])
+        self.spec = artifacts.spec(inputs["data"])
+        self.feeds = artifacts.inputs(inputs["data"])
+        self.labels = artifacts.labels(inputs["data"])
+        self.reference = artifacts.reference(inputs["metrics"])
+        self.reduce_range, self.reduce_reason = (_reduce_range(variant.reduce_range) if hasattr(variant, "reduce_range")
+                                                 else (None, None))
+        self.calibration, self.calibration_sha = None, None
+        if self.kind == "int8-static":
+            self.calibration, self.calibration_sha = draw_samples(self.feeds, variant.calibration.samples,
+                                                                  variant.calibration.seed)
+        rows = sample_rows(len(next(iter(self.feeds.values()))), variant.fallback.probe_samples,
+                           getattr(getattr(variant, "calibration", None), "seed", 0))
+        self.probe_feeds = {k: v[rows] for k, v in self.feeds.items()}
+        self.probe_reference = {k: v[rows] for k, v in self.reference.items()}
+        self.kept_float = _float_outputs(artifacts.load_graph(self.source).graph) if self.kind == "int8-static" else []
+        # Beside out/, not in it: node names as in the source (for the fallback), and calibration ranges.
+        self.raw = out.parent / "quantized-raw.onnx"
+        self.probe_path = out.parent / "probe.onnx"
+        self.cache = out.parent / "calibration.json"
+        self.cache.unlink(missing_ok=True)
+        self.target = artifacts.onnx_model(out)
+
+    def quantize(self, target: Path, excluded: list[str]) -> None:
+        _quantize(self.kind, self.variant, self.source, target, self.calibration, self.reduce_range,
+                  self.kept_float + excluded, self.cache)
+
+    def build(self, excluded: list[str]) -> None:
+        self.quantize(self.raw, excluded)
+        onnx_runtime.optimize_offline(self.raw, self.target, self.level)
+
+    def _outputs(self, path: Path, feeds: dict[str, np.ndarray], level: str) -> dict[str, np.ndarray]:
+        sess = onnx_runtime.session(path, level=level)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, chunked_outputs(lambda f: onnx_runtime.run(sess, f), self.spec, feeds)))
+
+    def judge(self) -> tuple[list[dict], dict, float]:
+        """The built model's parity verdicts against the original framework's outputs (no latency here)."""
+        outputs = self._outputs(self.target, self.feeds, "disabled")
+        found, metrics = gate.judge_parity(outputs, self.reference, self.labels, self.gates)
+        summary = {n: {k: metrics["outputs"][n].get(k) for k in ("cosine", "mean_row_cosine", "error_to_signal",
+                                                                  "max_abs_error", "top1_agreement")}
+                   for n in outputs}
+        if metrics["task"]:
+            summary["accuracy"] = metrics["task"]["candidate"]
+        return found, summary, fallback.relative_error(outputs, self.reference)
+
+    def probe(self, excluded: list[str]) -> float:
+        """The relative error on the probe samples with these nodes in float, run with the online
+        optimizations the build would bake in."""
+        self.quantize(self.probe_path, excluded)
+        return fallback.relative_error(self._outputs(self.probe_path, self.probe_feeds, self.level),
+                                       self.probe_reference)
+
+    def speed(self) -> float | None:
+        if not self.variant.fallback.time_rounds:
+            return None
+        sess = onnx_runtime.session(self.target)
+        feeds = onnx_runtime.feeds_for(sess, batch_of(self.spec, self.feeds, 1))
+        with latency.exclusive():  # not while another step times (other steps may still be building)
+            timed = latency.measure({"m": lambda: sess.run(None, feeds)}, batch=1, warmup=2, min_iterations=10,
+                                    min_seconds=0.5, target_ci=0.05, time_budget_s=2.0)
+        return round(timed["m"]["p50_ms"], 3)
+
+    def noise(self, nodes: list) -> dict[str, float]:
+        feeds = {k: v[:SQNR_SAMPLES] for k, v in self.probe_feeds.items()}
+        return added_noise(self.source, self.raw, feeds, nodes)
+
+
+def _candidates(work: _Variant) -> list:
+    """The nodes the fallback may keep in float: what the quantizer changed in this graph (fp16: the
+    compute-heavy ops, since a conversion changes every float op)."""
+    graph = artifacts.load_graph(work.source).graph
+    if work.kind == "fp16":
+        return [n for n in graph.node if n.op_type in FP16_CANDIDATES and n.name]
+    return [n for n in fallback.changed_nodes(graph, artifacts.load_graph(work.raw).graph)
+            if n.name not in work.kept_float]
 
 
 def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> dict:
-    variant, gates = config.variant, config.gates.model_dump(mode="json")
-    kind = variant.kind
-    source = artifacts.quantizable(inputs["onnx"])
-    feeds = artifacts.inputs(inputs["data"])
-    labels = artifacts.labels(inputs["data"])
-    reference = artifacts.reference(inputs["metrics"])
-    reduce_range, reduce_reason = _reduce_range(variant.reduce_range) if kind != "fp16" else (False, None)
-    calibration, calibration_sha = (None, None)
-    if kind == "int8-static":
-        calibration, calibration_sha = draw_samples(feeds, variant.calibration.samples, variant.calibration.seed)
-
-    graph = artifacts.load_graph(source).graph
-    quantizable = [n.name for n in graph.node if n.op_type in QUANTIZABLE and n.name]
-    kept_float = _float_outputs(graph) if kind == "int8-static" else []
-    raw = out.parent / "quantized-raw.onnx"  # outside out/: node names as in the source, for the fallback
-    target = artifacts.onnx_model(out)
-    probe = {k: v[:SQNR_SAMPLES] for k, v in feeds.items()}
-
-    def build(excluded: list[str]) -> None:
-        _quantize(kind, variant, source, raw, calibration, reduce_range, kept_float + excluded)
-        onnx_runtime.optimize_offline(raw, target, config.level)
-
+    variant, kind = config.variant, config.variant.kind
+    work = _Variant(config, inputs, out)
     try:
         progress.update(f"quantizing ({kind})")
-        build([])
-        found, first = _judge(target, feeds, reference, labels, gates)
-        excluded, found, rounds, stopped = _fallback(
-            variant.fallback, quantizable, build, lambda: _judge(target, feeds, reference, labels, gates),
-            lambda: noisiest_nodes(source, raw, probe), found, first)
+        work.build([])
+        found, first, error = work.judge()
+        changed = _candidates(work)
+        graph = artifacts.load_graph(work.source).graph
+        role = fallback.roles(graph, changed)
+        failing = any(not v["passed"] for v in found)
+        noise = work.noise(changed) if failing and variant.fallback.enabled and kind != "fp16" else {}
+        hooks = fallback.Hooks(build=work.build, judge=work.judge, probe=work.probe, speed=work.speed)
+        searched = fallback.search(variant.fallback, fallback.units(graph, changed, role), found, first, error,
+                                   hooks, noise)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer's failure is this model's, named as such
         raise ModelError(f"variants.{variant.name}: {kind} quantization failed: {type(exc).__name__}: "
                          f"{first_line(exc, 200)}") from None
+    finally:
+        work.cache.unlink(missing_ok=True)
+        work.probe_path.unlink(missing_ok=True)
+        artifacts.data_file(work.probe_path).unlink(missing_ok=True)
 
+    excluded, found = searched["excluded"], searched["found"]
+    here = machine.describe()
     record = {
         "variant": variant.name,
         "kind": kind,
+        "settings": variant.model_dump(mode="json", exclude={"name", "kind", "gates", "fallback", "calibration"}),
         "per_channel": getattr(variant, "per_channel", None),
-        "reduce_range": reduce_range if kind != "fp16" else None,
-        "reduce_range_reason": reduce_reason if kind != "fp16" else None,
-        "calibration": {**variant.calibration.model_dump(mode="json"), "sha256": calibration_sha}
-        if calibration_sha else None,
-        "quantizable_nodes": len(quantizable),
+        "reduce_range": work.reduce_range,
+        "reduce_range_reason": work.reduce_reason,
+        "calibration": {**variant.calibration.model_dump(mode="json"), "sha256": work.calibration_sha}
+        if work.calibration_sha else None,
+        "machine": {"isa": here["isa"], "vnni": here["vnni"]},
+        "changed_nodes": len(changed),
+        "changed_ops": dict(sorted(Counter(n.op_type for n in changed).items())),
         "before_fallback": first,
-        "kept_float": kept_float,
-        "fallback": {"rounds": rounds, "excluded": excluded, "stopped": stopped},
+        "kept_float": work.kept_float,
+        "fallback": {k: searched[k] for k in ("excluded", "stopped", "curve", "probes", "budget_nodes")}
+        | {"cost": searched.get("cost"), "roles": {n: role[n] for n in excluded}},
         "passes_parity": all(v["passed"] for v in found),
-        "bytes": artifacts.onnx_bytes(target),
+        "bytes": artifacts.onnx_bytes(work.target),
         "fp32_bytes": artifacts.onnx_bytes(artifacts.onnx_model(inputs["onnx"])),
     }
     artifacts.write_quantize_record(out, record)
     return {k: record[k] for k in ("variant", "kind", "reduce_range", "passes_parity", "bytes")} | {
-        "excluded_nodes": excluded, "rounds": len(rounds)}
+        "excluded_nodes": excluded, "rounds": len(searched["curve"]) - 1}
 
 
 def step_config(variant: VariantBase, gates, level: str) -> dict:

@@ -36,7 +36,7 @@ from stages import artifacts, export, gate, latency, machine, onnx_runtime, opti
 from stages.frameworks.pytorch import Exporter
 from stages.tensors import ModelSpec, batch_of, chunked_outputs
 
-VERSION = 5
+VERSION = 6
 Objective = Literal["p50", "p95", "throughput"]
 
 
@@ -291,6 +291,10 @@ def _parity(config: Config, inputs: dict[str, Path], context: dict, settings_for
         path = artifacts.onnx_model(inputs[f"cand.{cid}"])
         paths[cid] = path
         row["bytes"] = artifacts.onnx_bytes(path)
+        quantized = artifacts.quantize_record(inputs[f"cand.{cid}"]) or {}
+        if quantized.get("fallback"):  # a candidate the accuracy-aware fallback rescued (or tried to)
+            row["float_nodes"] = len(quantized["fallback"]["excluded"])
+            row["fallback_stopped"] = quantized["fallback"]["stopped"]
         row.update(_judge_candidate(path, settings_for(first), spec, feeds, reference, labels, what.gates.model_dump(mode="json")))
         rows.append(row)
     return rows, paths
@@ -473,6 +477,7 @@ DEFAULT_PRECISIONS = [
     quantize.Int8DynamicVariant(name="auto-int8-dynamic-pc", kind="int8-dynamic", per_channel=True),
     quantize.Int8DynamicVariant(name="auto-int8-dynamic-pt", kind="int8-dynamic", per_channel=False),
     quantize.Int8StaticVariant(name="auto-int8-static-pc", kind="int8-static", per_channel=True),
+    quantize.WeightOnlyVariant(name="auto-weight-only-8", kind="weight-only", bits=8),
 ]
 
 

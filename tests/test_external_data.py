@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import EXTERNAL_DATA_BYTES, derive_recipe, run_json, steps_by_status
-from stages import artifacts, localize, onnx_runtime, optimize, quantize
+from stages import artifacts, fallback, localize, onnx_runtime, optimize, quantize
 
 ENV = artifacts.EXTERNAL_DATA_ENV
 
@@ -114,6 +114,7 @@ def test_optimize_quantize_fp16_and_localize_on_external_data(tmp_path, monkeypa
     for kind, variant, tolerance in (
         ("int8-dynamic", quantize.Int8DynamicVariant(name="int8", kind="int8-dynamic", reduce_range=True), 0.5),
         ("fp16", quantize.Fp16Variant(name="half", kind="fp16"), 0.05),
+        ("weight-only", quantize.WeightOnlyVariant(name="wo", kind="weight-only"), 0.05),
     ):
         target = tmp_path / kind / "model.onnx"
         target.parent.mkdir()
@@ -138,8 +139,12 @@ def test_optimize_quantize_fp16_and_localize_on_external_data(tmp_path, monkeypa
     tensors = localize.onnx_tensors(artifacts.onnx_model(exported), feeds)  # ONNX Runtime from memory + folder
     assert {"h", "r", "y"} <= set(tensors)
     np.testing.assert_allclose(tensors["y"], expected, rtol=1e-6)
-    ranked = quantize.noisiest_nodes(artifacts.quantizable(out), tmp_path / "int8-dynamic" / "model.onnx", feeds)
-    assert ranked and {r["op"] for r in ranked} <= quantize.QUANTIZABLE
+    # the fallback's candidates on a model with external data: what the quantizer changed, and the SQNR pass
+    quantized = tmp_path / "int8-dynamic" / "model.onnx"
+    changed = fallback.changed_nodes(artifacts.load_graph(artifacts.quantizable(out)).graph,
+                                     artifacts.load_graph(quantized).graph)
+    noise = quantize.added_noise(artifacts.quantizable(out), quantized, feeds, changed)
+    assert changed and noise and set(noise) <= {n.name for n in changed}
 
 
 # --- slow: the real `kiln run` ------------------------------------------------------------------------------

@@ -66,14 +66,18 @@ def test_fallback_repairs_a_failing_int8_variant_and_stops_as_soon_as_it_passes(
     # machines; so the strict gate is placed from the curve this model's own fallback records.
     walk = {"name": "int8", "kind": "int8-static", "per_channel": False,
             "gates": {"default": {"min_cosine": 0.99999}},
-            "fallback": {"max_rounds": 4, "nodes_per_round": 1, "max_excluded_fraction": 1.0}}
+            "fallback": {"max_rounds": 4, "max_excluded_fraction": 1.0}}
     result, summary = run_json(str(_recipe(tmp_path, "digits-walk", [walk], select="int8")),
                                "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 0, result.stderr
     _, row = _variant_row(summary)
     before = _cosine(row["before_fallback"])
-    helped = [r for r in row["fallback"]["rounds"] if r["kept"]]
-    assert helped and _cosine(helped[0]["after"]) > before  # excluding the noisiest node improved parity
+    curve = row["fallback"]["curve"]
+    assert curve[0]["round"] == 0 and _cosine(curve[0]["after"]) == before
+    helped = [r for r in curve[1:] if r["kept"]]
+    # the node the probes found most harmful, kept in float, improved parity (and the curve timed its model)
+    assert helped and _cosine(helped[0]["after"]) > before and helped[0]["p50_ms_b1"] > 0
+    assert row["fallback"]["probes"] and all({"role", "impact"} <= set(p) for p in row["fallback"]["probes"])
     strict_cosine = (before + _cosine(helped[0]["after"])) / 2
     strict = {**walk, "gates": {"default": {"min_cosine": strict_cosine}}}
 
@@ -87,16 +91,22 @@ def test_fallback_repairs_a_failing_int8_variant_and_stops_as_soon_as_it_passes(
     bundle, row = _variant_row(summary)
     fallback = row["fallback"]
     # exactly the first helpful node fell back; the other quantizable nodes stay INT8
-    assert fallback["excluded"] == [n["node"] for n in helped[0]["excluded"]]
-    assert fallback["rounds"][-1]["passed"] and fallback["stopped"] is None
+    assert fallback["excluded"] == [n["node"] for n in helped[0]["added"]]
+    assert fallback["curve"][-1]["passed"] and fallback["stopped"] is None
     report = (bundle / "report.md").read_text()
     for node in fallback["excluded"]:
         assert f"`{node}`" in report
+    assert "fallback curve: round 0" in report and "fallback cost:" in report
+    # same seed and data in a fresh store: the same probes, rounds and bytes, fallback included
+    again, summary = run_json(str(_recipe(tmp_path, "digits-strict", [strict], select="int8")),
+                              "--tracking-uri", registry, "--artifacts", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    assert sha256_file(Path(summary["recipes"][0]["bundle"]) / "model.onnx") == sha256_file(bundle / "model.onnx")
 
     # a gate only float can meet, with room for one node: the budget ends the search, nothing is published
     budget = _recipe(tmp_path, "digits-strict-budget",
                      [{**walk, "gates": {"default": {"min_cosine": 0.9999999}},
-                       "fallback": {"max_rounds": 1, "nodes_per_round": 1, "max_excluded_fraction": 0.25}}],
+                       "fallback": {"max_rounds": 1, "max_excluded_fraction": 0.25}}],
                      select="int8")
     result = kiln("run", str(budget), "--tracking-uri", registry, "--artifacts", str(artifacts))
     assert result.returncode == 1

@@ -144,21 +144,41 @@ def _variants(variants: list[dict], published: bool) -> list[dict]:
 
 
 def _variant_notes(v: dict) -> list[str]:
+    """The fallback curve (each round: what went back to float, the error after it, its model's b1 latency), what
+    the probes and rounds cost, and why the search stopped."""
     text = []
     fallback = v.get("fallback") or {}
-    for index, round_ in enumerate(fallback.get("rounds") or [], 1):
-        nodes = ", ".join(f"`{r['node']}` ({r['op']}, SQNR {r['sqnr_db']} dB, adds {r['added_noise']:.2e} "
-                          "relative noise power)" for r in round_["excluded"])
-        after = ", ".join(f"{k} cosine {m['cosine']:.6f}" if isinstance(m, dict) else f"{k} {m:.4f}"
-                          for k, m in round_["after"].items())
-        verdict = "passes" if round_["passed"] else "kept (helps)" if round_.get("kept") else "reverted (no help)"
-        text.append(f"{v['name']} fallback round {index}: float {nodes} → {after}: {verdict}")
+    for point in fallback.get("curve") or []:
+        if point["round"] == 0:
+            text.append(f"{v['name']} fallback curve: round 0, everything quantized: {_after(point)}")
+            continue
+        nodes = ", ".join(f"`{n['node']}` ({n['op']})" for n in point["added"])
+        verdict = "passes" if point["passed"] else "kept (helps)" if point["kept"] else "undone (no help)"
+        text.append(f"{v['name']} fallback round {point['round']}: float {point['role']}: {nodes} "
+                    f"({point['float_nodes']} in float) → {_after(point)}: {verdict}")
+    cost = fallback.get("cost")
+    if cost:
+        text.append(f"{v['name']} fallback cost: {cost['probes']} probes ({cost['probe_seconds']} s), "
+                    f"{cost['rounds']} rounds, {cost['seconds']} s in all")
     if fallback.get("stopped"):
         text.append(f"{v['name']} fallback stopped: {fallback['stopped']}")
     if v["reduce_range"] is not None:
         text.append(f"{v['name']}: reduce_range {v['reduce_range']}"
                     + (f", calibration sha256 `{v['calibration_sha256'][:16]}…`" if v.get("calibration_sha256") else ""))
     return text
+
+
+def _after(point: dict) -> str:
+    parts = [f"error/variation {point['error']:.2e}"]
+    for name, m in (point.get("after") or {}).items():
+        if isinstance(m, dict):
+            cosine = m.get("mean_row_cosine") if m.get("mean_row_cosine") is not None else m.get("cosine")
+            parts.append(f"{name} cosine {cosine:.5f}")
+        else:
+            parts.append(f"{name} {m:.4f}")
+    if point.get("p50_ms_b1") is not None:
+        parts.append(f"p50 b1 {point['p50_ms_b1']:.2f} ms")
+    return ", ".join(parts)
 
 
 def _tuning_sections(tuning: dict) -> list[dict]:
@@ -180,6 +200,8 @@ def _tuning_sections(tuning: dict) -> list[dict]:
             size = round(c["bytes"] / 2**20, 2) if c["bytes"] is not None else None
             if c.get("note"):
                 verdict += f" ({c['note']})"
+            if c.get("float_nodes"):
+                verdict += f" (fallback: {c['float_nodes']} node(s) in float)"
             rows.append([c["candidate"], c["exporter"], fusion, c["precision"], size,
                          error.get("mean_cosine"), error.get("max_abs_error"),
                          *[lat.get(b, {}).get("p50_ms") for b in batches], *[lat.get(b, {}).get("p95_ms") for b in batches],
