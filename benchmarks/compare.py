@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.kiln_bundle import bundle_runner  # noqa: E402
-from benchmarks.zoo import MODELS, SAMPLES, BenchModel, register  # noqa: E402
+from benchmarks.zoo import COMPARED, MODELS, SAMPLES, BenchModel, register  # noqa: E402
 
 TOOLS = ["eager", "compiled", "ort", "olive", "optimum", "kiln"]
 BATCHES = (1, SAMPLES)
@@ -498,7 +498,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(COMPARED), help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=2, help="measurements of every tool per batch size")
     parser.add_argument("--budget", type=float, default=2.0,
                         help="seconds of timed runs per tool, repeat and batch size")
