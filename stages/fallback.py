@@ -45,7 +45,10 @@ class Fallback(Strict):
                             "float on the probe samples before the greedy search")
     probe_samples: int = Field(16, ge=1, description="Validation samples the probes run on, drawn with the seed")
     max_excluded_fraction: float = Field(0.25, gt=0, le=1, description="Of the nodes the quantizer changed")
-    time_rounds: bool = Field(True, description="Time each round's model at batch 1 for the curve (about 1 s each)")
+    trim: bool = Field(True, description="Once the gates pass, quantize each float node again (latest first) "
+                       "where the gates still pass without it")
+    time_rounds: bool = Field(True, description="Time each kept round's model at batch 1, side by side, for the "
+                              "curve (about 1 s each)")
 
 
 # Nodes that quantize the graph's own tensors rather than do its work: never a candidate.
@@ -133,7 +136,8 @@ class Hooks:
     build: Callable[[list[str]], None]  # quantize with these nodes in float and finish the model
     judge: Callable[[], tuple[list[dict], dict, float]]  # the built model: verdicts, summary, relative error
     probe: Callable[[list[str]], float]  # relative error on the probe samples with these nodes in float
-    speed: Callable[[], float | None]  # the built model's p50 ms at batch 1 (None: not timed)
+    keep: Callable[[int], None]  # keep a copy of the built model as this round's (for timing at the end)
+    time: Callable[[list[int]], dict[int, float]]  # these rounds' models side by side: p50 ms at batch 1
 
 
 def _score(found: list[dict], error: float) -> tuple:
@@ -245,13 +249,41 @@ def _greedy(config: Fallback, found_units: list[dict], candidates: list[dict], s
         curve.append({"round": len(curve), "added": [info[n] for n in new], "role": candidate["role"],
                       "float_nodes": len(trial), "after": trial_measured, "error": trial_error,
                       "passed": all(v["passed"] for v in trial_found), "kept": helped,
-                      "p50_ms_b1": hooks.speed() if helped else None})
+                      "p50_ms_b1": None})
         if helped:
             excluded, found, error = trial, trial_found, trial_error
+            hooks.keep(curve[-1]["round"])
     if built != excluded:  # the last trial did not help: rebuild the best model found
         hooks.build(excluded)
     record["found"] = found
     return excluded, stopped if any(not v["passed"] for v in found) else None
+
+
+def _trim(config: Fallback, excluded: list[str], hooks: Hooks, record: dict) -> list[str]:
+    """Once the gates pass: each unit in float, latest first, quantized again if the gates still pass without
+    it (a unit that helped early can be redundant after later ones). Fewer float nodes, a faster model."""
+    curve, info = record["curve"], record["info"]
+    heads = list(dict.fromkeys(info[n]["head"] for n in excluded))
+    members = {h: [n for n in excluded if info[n]["head"] == h] for h in heads}
+    for head in reversed(heads):
+        if len(members) == 1:
+            break  # everything quantized is where the search started, and it failed
+        trial = [n for n in excluded if n not in members[head]]
+        progress.update(f"fallback trim: quantizing {head} again ({len(trial)} node(s) stay in float)")
+        hooks.build(trial)
+        found, measured, error = hooks.judge()
+        passed = all(v["passed"] for v in found)
+        curve.append({"round": len(curve), "added": [], "removed": [info[n] for n in members[head]],
+                      "role": info[head]["role"], "float_nodes": len(trial if passed else excluded),
+                      "after": measured, "error": error, "passed": passed, "kept": passed, "p50_ms_b1": None})
+        if passed:
+            excluded = trial
+            del members[head]
+            record["found"] = found
+            hooks.keep(curve[-1]["round"])
+    if curve[-1].get("removed") and not curve[-1]["kept"]:
+        hooks.build(excluded)  # the last trim failed: rebuild the passing model
+    return excluded
 
 
 def search(config: Fallback, found_units: list[dict], found: list[dict], measured: dict, error: float, hooks: Hooks,
@@ -261,10 +293,10 @@ def search(config: Fallback, found_units: list[dict], found: list[dict], measure
     (the SQNR pass). Leaves the best model found built and returns the record: excluded nodes, verdicts,
     probes, curve, cost."""
     started = time.perf_counter()
-    info = {name: {"node": name, "op": op, "role": u["role"]}
+    info = {name: {"node": name, "op": op, "role": u["role"], "head": u["node"]}
             for u in found_units for name, op in zip(u["nodes"], u["ops"])}
     curve = [{"round": 0, "added": [], "role": None, "float_nodes": 0, "after": measured, "error": error,
-              "passed": all(v["passed"] for v in found), "kept": True, "p50_ms_b1": hooks.speed()}]
+              "passed": all(v["passed"] for v in found), "kept": True, "p50_ms_b1": None}]
     record = {"excluded": [], "found": found, "curve": curve, "probes": [], "stopped": None, "info": info,
               "budget_nodes": int(config.max_excluded_fraction * len(info)), "changed_nodes": len(info)}
     if curve[0]["passed"]:
@@ -273,6 +305,7 @@ def search(config: Fallback, found_units: list[dict], found: list[dict], measure
         record["stopped"] = "fallback disabled"
         return record
 
+    hooks.keep(0)
     probe_base = hooks.probe([])
     probes = _probe_all(config, found_units, noise, hooks, probe_base)
     record["probes"] = [{"role": p["role"], "nodes": len(p["nodes"]),
@@ -282,6 +315,13 @@ def search(config: Fallback, found_units: list[dict], found: list[dict], measure
     record["cost"] = {"probes": len(probes) + 1, "probe_seconds": round(time.perf_counter() - started, 1)}
     single = {p["heads"][0]: p["impact"] for p in probes if len(p["heads"]) == 1}
     excluded, stopped = _greedy(config, found_units, [p for p in probes if p["impact"] > 0], single, hooks, record)
+    if stopped is None and config.trim:
+        excluded = _trim(config, excluded, hooks, record)
+    if config.time_rounds:  # every kept round's model, side by side at the end: the same load for all
+        progress.update("fallback: timing each round's model side by side")
+        timed = hooks.time([point["round"] for point in curve if point["kept"]])
+        for point in curve:
+            point["p50_ms_b1"] = timed.get(point["round"])
     record.update(excluded=excluded, stopped=stopped,
                   cost={**record["cost"], "rounds": len(curve) - 1, "seconds": round(time.perf_counter() - started, 1)})
     return record

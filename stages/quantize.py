@@ -8,6 +8,7 @@ recorded; the same seed and data give a byte-identical model, fallback included.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -252,6 +253,9 @@ class _Variant:
         self.probe_path = out.parent / "probe.onnx"
         self.cache = out.parent / "calibration.json"
         self.cache.unlink(missing_ok=True)
+        self.rounds = out.parent / "rounds"  # each kept round's model, timed side by side at the end
+        shutil.rmtree(self.rounds, ignore_errors=True)
+        self.rounds.mkdir()
         self.target = artifacts.onnx_model(out)
 
     def quantize(self, target: Path, excluded: list[str]) -> None:
@@ -285,15 +289,21 @@ class _Variant:
         return fallback.relative_error(self._outputs(self.probe_path, self.probe_feeds, self.level),
                                        self.probe_reference)
 
-    def speed(self) -> float | None:
-        if not self.variant.fallback.time_rounds:
-            return None
-        sess = onnx_runtime.session(self.target)
-        feeds = onnx_runtime.feeds_for(sess, batch_of(self.spec, self.feeds, 1))
-        with latency.exclusive():  # not while another step times (other steps may still be building)
-            timed = latency.measure({"m": lambda: sess.run(None, feeds)}, batch=1, warmup=2, min_iterations=10,
-                                    min_seconds=0.5, target_ci=0.05, time_budget_s=2.0)
-        return round(timed["m"]["p50_ms"], 3)
+    def keep(self, round_: int) -> None:
+        folder = self.rounds / str(round_)
+        folder.mkdir()
+        artifacts.copy_onnx(self.target, artifacts.onnx_model(folder))
+
+    def time(self, rounds: list[int]) -> dict[int, float]:
+        """Each kept round's model at batch 1, side by side in one measurement (so that load from other steps
+        building in parallel hits every round alike); taken while no other step times."""
+        sessions = {r: onnx_runtime.session(artifacts.onnx_model(self.rounds / str(r))) for r in rounds}
+        feeds = {r: onnx_runtime.feeds_for(sess, batch_of(self.spec, self.feeds, 1)) for r, sess in sessions.items()}
+        calls = {str(r): (lambda s=sess, f=feeds[r]: s.run(None, f)) for r, sess in sessions.items()}
+        with latency.exclusive():
+            timed = latency.measure(calls, batch=1, warmup=2, min_iterations=10, min_seconds=0.5, target_ci=0.05,
+                                    time_budget_s=2.0 * len(calls))
+        return {r: round(timed[str(r)]["p50_ms"], 3) for r in rounds}
 
     def noise(self, nodes: list) -> dict[str, float]:
         feeds = {k: v[:SQNR_SAMPLES] for k, v in self.probe_feeds.items()}
@@ -322,7 +332,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         role = fallback.roles(graph, changed)
         failing = any(not v["passed"] for v in found)
         noise = work.noise(changed) if failing and variant.fallback.enabled and kind != "fp16" else {}
-        hooks = fallback.Hooks(build=work.build, judge=work.judge, probe=work.probe, speed=work.speed)
+        hooks = fallback.Hooks(build=work.build, judge=work.judge, probe=work.probe, keep=work.keep, time=work.time)
         searched = fallback.search(variant.fallback, fallback.units(graph, changed, role), found, first, error,
                                    hooks, noise)
     except ModelError:
@@ -332,6 +342,7 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
                          f"{first_line(exc, 200)}") from None
     finally:
         work.cache.unlink(missing_ok=True)
+        shutil.rmtree(work.rounds, ignore_errors=True)
         work.probe_path.unlink(missing_ok=True)
         artifacts.data_file(work.probe_path).unlink(missing_ok=True)
 

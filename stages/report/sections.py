@@ -152,6 +152,12 @@ def _variant_notes(v: dict) -> list[str]:
         if point["round"] == 0:
             text.append(f"{v['name']} fallback curve: round 0, everything quantized: {_after(point)}")
             continue
+        if point.get("removed"):  # the trim, once the gates passed
+            nodes = ", ".join(f"`{n['node']}` ({n['op']})" for n in point["removed"])
+            verdict = "still passes: stays quantized" if point["kept"] else "fails without it: back to float"
+            text.append(f"{v['name']} fallback round {point['round']}: quantize {point['role']} again: {nodes} → "
+                        f"{_after(point)}: {verdict}")
+            continue
         nodes = ", ".join(f"`{n['node']}` ({n['op']})" for n in point["added"])
         verdict = "passes" if point["passed"] else "kept (helps)" if point["kept"] else "undone (no help)"
         text.append(f"{v['name']} fallback round {point['round']}: float {point['role']}: {nodes} "
