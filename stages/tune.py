@@ -450,6 +450,9 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
     _table(rows, search.trials, winner)
     chosen = next(r for r in rows if r["winner"])
     settings = _save_winner(paths[winner["candidate"]], winner["settings"], out)
+    quantized = artifacts.quantize_record(inputs[f"cand.{winner['candidate']}"])
+    if quantized is not None:  # how the winner was quantized (its fallback curve) goes with it into the report
+        artifacts.write_quantize_record(out, quantized)
     record.update({
         "candidates": rows,
         "trials": search.trials,
