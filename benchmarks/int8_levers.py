@@ -149,7 +149,7 @@ def main() -> None:
         target.parent.mkdir(exist_ok=True)
         raw = target.with_suffix(".raw.onnx")
         if settings is None:
-            artifacts.copy_onnx(source, raw)
+            raw = source  # MiniLM is far below protobuf's limit: a single file
         else:
             settings = dict(settings)
             alpha = settings.pop("smooth", None)
