@@ -163,3 +163,26 @@ def test_static_int8_keeps_a_softmax_graph_output_in_float(tmp_path):
     from stages.parity import mean_row_cosine
 
     assert mean_row_cosine(reference, kept_out) > 0.99
+
+
+def test_entropy_calibration_clips_where_minmax_keeps_the_full_range(tmp_path):
+    # ONNX Runtime's quantize_static builds its entropy calibrator with 128 histogram bins for 128 quantized
+    # bins: one candidate threshold, so its "entropy" gave minmax's scales exactly. kiln calibrates at 2048 bins.
+    import onnx
+    from onnx import numpy_helper
+
+    from stages import quantize
+    from test_fallback import _conv_net
+
+    images = _conv_net(tmp_path / "fp32.onnx")
+    scales = {}
+    for method in ("minmax", "entropy"):
+        variant = quantize.Int8StaticVariant(name="s", kind="int8-static", calibration={"method": method})
+        target = tmp_path / f"{method}.onnx"
+        quantize._quantize("int8-static", variant, tmp_path / "fp32.onnx", target, {"x": images}, False, [],
+                           tmp_path / f"{method}.json")
+        scales[method] = {i.name: float(numpy_helper.to_array(i).ravel()[0])
+                          for i in onnx.load(str(target)).graph.initializer if i.name.endswith("_scale")}
+    relu = "r0_scale"  # a ReLU output: a long tail that entropy clips
+    assert scales["entropy"][relu] < 0.9 * scales["minmax"][relu]
+    assert scales["entropy"]["w0_scale"] == scales["minmax"]["w0_scale"]  # weights are not calibrated
