@@ -328,7 +328,10 @@ class _Variant:
 
     def noise(self, nodes: list) -> dict[str, float]:
         feeds = {k: v[:SQNR_SAMPLES] for k, v in self.probe_feeds.items()}
-        return added_noise(self.source, self.raw, feeds, nodes)
+        try:
+            return added_noise(self.source, self.raw, feeds, nodes)
+        except Exception:  # noqa: BLE001 - only a tie-break between probes: without it, names order them
+            return {}
 
 
 def _candidates(work: _Variant) -> list:
