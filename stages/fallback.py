@@ -15,10 +15,15 @@ judged by its end-to-end effect:
    error being the output's error power relative to its variation between samples. At most `max_probes`.
 3. Greedy: the candidate with the most impact per node newly kept in float goes next (a group's impact less what
    its members already in float removed alone). After each addition the model is rebuilt and judged by the gates
-   on every validation sample; an addition that does not lower the error is undone. The search stops when the
-   gates pass or the budget (rounds, fraction of the changed nodes) is used.
-4. The curve: every round's error, the nodes in float with their roles, and the b1 latency of its model, so the
-   accuracy/speed trade is visible in the report.
+   on every validation sample; an addition that does not lower the error is undone. When what helped alone is
+   used up, the units left are probed again on top of what is in float (errors interact). The search stops when
+   the gates pass or the budget (rounds, fraction of the changed nodes) is used.
+4. Trim: once the gates pass, each unit in float is quantized again (latest first) where the gates still pass
+   without it: fewer float nodes, a faster model.
+5. The curve: every round's error, the nodes in float with their roles, and the b1 latency of its model (the
+   kept rounds timed side by side at the end), so the accuracy/speed trade is visible in the report.
+
+A Conv/MatMul/Gemm and the activation after it are one unit: a QDQ graph quantizes the tensor between them.
 """
 
 from __future__ import annotations
