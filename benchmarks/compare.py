@@ -435,6 +435,9 @@ def markdown(report: dict) -> str:
             cells.append(f"{cell['peer']} | {cell['ratio']:.2f}x" if "ratio" in cell else "– | –")
             cells.append(f"{cell['framework_ratio']:.2f}x vs {cell['framework']}" if "framework_ratio" in cell else "–")
         below = sorted({name for b in peer.values() for name in b.get("below_bar", [])})
+        if any(not b.get("kiln_passes_bar", True) for b in peer.values()):
+            # kiln's own gate judged other samples or batches (dynamic INT8 depends on what is batched together)
+            below.append(f"**kiln** ({result['tools']['kiln']['parity']['mean_cosine']:.4f} here)")
         cells.append(", ".join(below) or "–")
         kiln = result["kiln"]
         build = result["tools"]["kiln"]["build_s"]
