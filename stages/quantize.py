@@ -9,6 +9,7 @@ recorded; the same seed and data give a byte-identical model, fallback included.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -160,14 +161,16 @@ def _quantize(kind: str, variant: QuantizeVariant, source: Path, target: Path, c
     else:
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
-        cached = {"calibration_cache_path": cache} if cache is not None and _caches_calibration() else {}
-        if cached and variant.calibration.method == "entropy" and not cache.exists():
-            _entropy_ranges(source, calibration, cache, large)
-        quantize_static(source, target, CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=variant.per_channel, reduce_range=reduce_range,
-                        activation_type=types[variant.activation_type], weight_type=types[variant.weight_type],
-                        calibrate_method=methods[variant.calibration.method], nodes_to_exclude=exclude,
-                        extra_options=extra, use_external_data_format=large, **cached)
+        with tempfile.TemporaryDirectory(prefix="kiln-calibration-") as scratch:
+            cache = cache or Path(scratch) / "calibration.json"  # a single call: ranges for this call only
+            cached = {"calibration_cache_path": cache} if _caches_calibration() else {}
+            if cached and variant.calibration.method == "entropy" and not cache.exists():
+                _entropy_ranges(source, calibration, cache, large)
+            quantize_static(source, target, CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
+                            per_channel=variant.per_channel, reduce_range=reduce_range,
+                            activation_type=types[variant.activation_type], weight_type=types[variant.weight_type],
+                            calibrate_method=methods[variant.calibration.method], nodes_to_exclude=exclude,
+                            extra_options=extra, use_external_data_format=large, **cached)
 
 
 def _entropy_ranges(source: Path, calibration: dict, cache: Path, large: bool) -> None:
@@ -175,8 +178,6 @@ def _entropy_ranges(source: Path, calibration: dict, cache: Path, large: bool) -
     bins (128 and 128), which leaves one candidate threshold, the full range: its entropy calibration gives
     minmax's scales exactly (measured, ORT 1.32). kiln computes the ranges with ORT's own entropy calibrator at
     2048 bins into 128 and hands them to quantize_static as its calibration cache."""
-    import tempfile
-
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
