@@ -91,20 +91,24 @@ def roles(graph, nodes: list) -> dict[str, str]:
     return found
 
 
+def fused_activations(graph) -> dict:
+    """{tensor: the activation node that is its only consumer} (a Conv's Relu, which quantizers fuse)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return {tensor: nodes[0] for tensor, nodes in consumers.items()
+            if len(nodes) == 1 and nodes[0].op_type in FUSED_ACTIVATIONS}
+
+
 def units(graph, changed: list, role: dict[str, str]) -> list[dict]:
     """The changed nodes as the fallback's smallest candidates: a node together with the activation that follows
     it (its only consumer), since a QDQ graph quantizes the tensor between a Conv and its Relu: either alone in
     float changes little. {node (the head), op, role, nodes, ops}."""
     names = {n.name for n in changed}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    follower = {}
-    for node in changed:
-        following = consumers.get(node.output[0], []) if node.output else []
-        if len(following) == 1 and following[0].op_type in FUSED_ACTIVATIONS and following[0].name in names:
-            follower[node.name] = following[0]
+    activation = fused_activations(graph)
+    follower = {n.name: activation[n.output[0]] for n in changed
+                if n.output and n.output[0] in activation and activation[n.output[0]].name in names}
     absorbed = {f.name for f in follower.values()}
     found = []
     for node in changed:

@@ -216,27 +216,21 @@ def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(10 * np.log10(max(signal, 1e-30) / noise))
 
 
-def added_noise(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray], nodes: list) -> dict[str, float]:
+def added_noise(fp32: Path, quantized: Path, feeds: dict[str, np.ndarray], nodes: list, graph) -> dict[str, float]:
     """The SQNR pass: for each of `nodes`, the relative noise power its output adds on top of what its inputs
-    already carry (output SQNR below its worst input's). Cheap (two runs), and a tie-break only: a node's own
-    noise says little about what it does to the model's output."""
+    already carry (output SQNR below its worst input's); `graph` is fp32's. Cheap (two runs), and a tie-break
+    only: a node's own noise says little about what it does to the model's output."""
     from stages.localize import onnx_tensors
 
     reference = onnx_tensors(fp32, feeds)
     candidate = onnx_tensors(quantized, feeds)
-    graph = artifacts.load_graph(fp32).graph
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    activation = fallback.fused_activations(graph)
     found = {}
     for node in nodes:
         out = node.output[0]
-        if out not in candidate:
+        if out not in candidate and out in activation:
             # The quantizer fuses a following activation (Conv+Relu): compare at the activation's output.
-            following = consumers.get(out, [])
-            if len(following) == 1 and following[0].op_type in fallback.FUSED_ACTIVATIONS:
-                out = following[0].output[0]
+            out = activation[out].output[0]
         if out not in reference or out not in candidate or reference[out].shape != candidate[out].shape:
             continue
         output_sqnr = _sqnr(reference[out], candidate[out])
@@ -269,7 +263,8 @@ class _Variant:
                            getattr(getattr(variant, "calibration", None), "seed", 0))
         self.probe_feeds = {k: v[rows] for k, v in self.feeds.items()}
         self.probe_reference = {k: v[rows] for k, v in self.reference.items()}
-        self.kept_float = _float_outputs(artifacts.load_graph(self.source).graph) if self.kind == "int8-static" else []
+        self.graph = artifacts.load_graph(self.source).graph  # read once: the fallback asks for it often
+        self.kept_float = _float_outputs(self.graph) if self.kind == "int8-static" else []
         # Beside out/, not in it: node names as in the source (for the fallback), and calibration ranges.
         self.raw = out.parent / "quantized-raw.onnx"
         self.probe_path = out.parent / "probe.onnx"
@@ -330,7 +325,7 @@ class _Variant:
     def noise(self, nodes: list) -> dict[str, float]:
         feeds = {k: v[:SQNR_SAMPLES] for k, v in self.probe_feeds.items()}
         try:
-            return added_noise(self.source, self.raw, feeds, nodes)
+            return added_noise(self.source, self.raw, feeds, nodes, self.graph)
         except Exception:  # noqa: BLE001 - only a tie-break between probes: without it, names order them
             return {}
 
@@ -338,10 +333,9 @@ class _Variant:
 def _candidates(work: _Variant) -> list:
     """The nodes the fallback may keep in float: what the quantizer changed in this graph (fp16: the
     compute-heavy ops, since a conversion changes every float op)."""
-    graph = artifacts.load_graph(work.source).graph
     if work.kind == "fp16":
-        return [n for n in graph.node if n.op_type in FP16_CANDIDATES and n.name]
-    return [n for n in fallback.changed_nodes(graph, artifacts.load_graph(work.raw).graph)
+        return [n for n in work.graph.node if n.op_type in FP16_CANDIDATES and n.name]
+    return [n for n in fallback.changed_nodes(work.graph, artifacts.load_graph(work.raw).graph)
             if n.name not in work.kept_float]
 
 
@@ -353,12 +347,11 @@ def run(config: Config, inputs: dict[str, Path], out: Path, context: dict) -> di
         work.build([])
         found, first, error = work.judge()
         changed = _candidates(work)
-        graph = artifacts.load_graph(work.source).graph
-        role = fallback.roles(graph, changed)
+        role = fallback.roles(work.graph, changed)
         failing = any(not v["passed"] for v in found)
         noise = work.noise(changed) if failing and variant.fallback.enabled and kind != "fp16" else {}
         hooks = fallback.Hooks(build=work.build, judge=work.judge, probe=work.probe, keep=work.keep, time=work.time)
-        searched = fallback.search(variant.fallback, fallback.units(graph, changed, role), found, first, error,
+        searched = fallback.search(variant.fallback, fallback.units(work.graph, changed, role), found, first, error,
                                    hooks, noise)
     except ModelError:
         raise

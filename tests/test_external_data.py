@@ -141,9 +141,9 @@ def test_optimize_quantize_fp16_and_localize_on_external_data(tmp_path, monkeypa
     np.testing.assert_allclose(tensors["y"], expected, rtol=1e-6)
     # the fallback's candidates on a model with external data: what the quantizer changed, and the SQNR pass
     quantized = tmp_path / "int8-dynamic" / "model.onnx"
-    changed = fallback.changed_nodes(artifacts.load_graph(artifacts.quantizable(out)).graph,
-                                     artifacts.load_graph(quantized).graph)
-    noise = quantize.added_noise(artifacts.quantizable(out), quantized, feeds, changed)
+    source = artifacts.load_graph(artifacts.quantizable(out)).graph
+    changed = fallback.changed_nodes(source, artifacts.load_graph(quantized).graph)
+    noise = quantize.added_noise(artifacts.quantizable(out), quantized, feeds, changed, source)
     assert changed and noise and set(noise) <= {n.name for n in changed}
 
 

@@ -130,7 +130,7 @@ def test_search_stops_at_its_budget_and_says_which():
     assert record["stopped"].startswith("budget used: max_excluded_fraction 0.5 (3 of 6")
     assert record["excluded"][0] == "ffn.0" and len(record["excluded"]) == 3 and not record["found"][0]["passed"]
     again = fallback.search(fallback.Fallback(max_excluded_fraction=1.0, max_rounds=2), _units(model), found,
-                            measured, error, _KnownError.hooks(model), noise={})
+                            measured, error, model.hooks(), noise={})
     assert again["stopped"] == "budget used: max_rounds 2" and len(again["curve"]) == 3
 
 
